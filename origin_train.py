@@ -1,0 +1,34 @@
+"""Train the book's FCN (d2l, "Fully Convolutional Networks") on PASCAL VOC 2012 with the book's settings.
+
+    python origin_train.py                 # ./VOC2012, or --voc-dir PATH
+    python origin_train.py --demo          # the built-in synthetic data, on the CPU, in about 2 minutes
+"""
+from some_define import finish_train_args, run_main, train, train_arg_parser
+
+# The book's settings (the seed trained 30 epochs; the book 5).
+DEFAULTS = {
+    "voc_dir": "VOC2012",
+    "model": "fcn",
+    "pretrained": "imagenet",
+    "optimizer": "sgd",         # plain SGD, no momentum
+    "lr": 1e-3,
+    "wd": 1e-3,
+    "loss": "sum",              # per-image mean cross-entropy summed over the batch, as the book's l.sum().backward()
+    "void": "background",       # the book's colormap has no boundary colour, so void pixels are trained as class 0
+    "epochs": 30,
+    "batch_size": 32,
+    "crop": [320, 480],
+    "device": None,             # cuda, else mps, else cpu
+    "seed": 0,
+    "workers": None,            # 4 on a GPU, 0 on the CPU
+    "out": "runs/origin",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = finish_train_args(train_arg_parser(__doc__.splitlines()[0]).parse_args(argv), DEFAULTS)
+    train(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
