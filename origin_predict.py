@@ -5,9 +5,8 @@
 """
 from pathlib import Path
 
-from some_define import (checkpoint_dataset_dir, evaluate_checkpoint, label2image, metrics_table, open_model,
-                         predict_arg_parser, predict_full_res, read_voc_images, run_main, save_figure, show_images,
-                         try_all_gpus_or_cpu, write_json)
+from some_define import (checkpoint_dataset_dir, evaluate_checkpoint, metrics_table, open_model, predict_arg_parser,
+                         prediction_figure, read_voc_images, run_main, save_figure, try_all_gpus_or_cpu, write_json)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,13 +22,10 @@ def main(argv: list[str] | None = None) -> None:
         print(metrics_table({checkpoint["model"]: metrics}, checkpoint["class_names"]))
         print(f"{metrics['num_images']} images; wrote {path}")
         return
-    images, labels, names = images[:args.num], labels[:args.num], names[:args.num]
-    preds = dict(predict_full_res(net, images, device, args.batch_size))
-    colormap = checkpoint["colormap"]
-    rows = [[x.permute(1, 2, 0) for x in images],
-            [label2image(y, colormap) for y in labels],
-            [label2image(preds[i], colormap) for i in range(len(images))]]
-    save_figure(show_images(rows, ["image", "ground truth", checkpoint["model"]], titles=[names, [], []]), args.figure)
+    n = args.num
+    fig = prediction_figure([(checkpoint["model"].upper(), net)], images[:n], labels[:n], names[:n],
+                            checkpoint["colormap"], checkpoint["class_names"], device, args.batch_size)
+    save_figure(fig, args.figure)
     print(f"wrote {args.figure}")
 
 
