@@ -64,8 +64,11 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write there ({e.strerror}); choose another output path")
     os.close(fd)
     try:
         write(tmp)
@@ -162,15 +165,15 @@ def read_label(path: str | os.PathLike, colormap2label: torch.Tensor, num_classe
 
     Palette ('P') and 8-bit grayscale images already hold indices; RGB images are mapped through the colormap."""
     with Image.open(path) as im:
-        if im.mode in ("P", "L"):
-            label = torch.from_numpy(np.array(im, dtype=np.uint8))
+        if im.mode in ("P", "L") or im.mode.startswith("I"):   # indices, 8- or 16-bit
+            label = torch.from_numpy(np.array(im).astype(np.int64))
         else:
             label = voc_label_indices(torch.from_numpy(np.array(im.convert("RGB"))), colormap2label)
     bad = (label >= num_classes) & (label != VOID)
     if bad.any():
         raise UsageError(f"{path}: label value {int(label[bad][0])} is not a class index (0..{num_classes - 1}) "
                          f"or void ({VOID}); check the file or the class list")
-    return label
+    return label.to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,9 +214,12 @@ def read_split_names(voc_dir: Path, split: str) -> list[str]:
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as a uint8 tensor (3 x H x W); grayscale, RGBA and CMYK are converted to RGB."""
+    """An image file as a uint8 tensor (3 x H x W); grayscale, RGBA, CMYK and 16-bit images are converted to RGB."""
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16"):   # PIL would clip 16-bit values at 255; keep the top 8 bits instead
+                gray = torch.from_numpy((np.array(im, dtype=np.uint16) >> 8).astype(np.uint8))
+                return gray.expand(3, *gray.shape).contiguous()
             return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found")
@@ -222,9 +228,10 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
 
 
 def read_voc_images(voc_dir: str | os.PathLike, split: str = "train",
-                    colormap2label: torch.Tensor | None = None, num_classes: int = len(VOC_CLASSES)
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
-    """Read all images and labels of a split, as the book does, but kept as uint8 (about 10x less memory)."""
+                    colormap2label: torch.Tensor | None = None, num_classes: int = len(VOC_CLASSES),
+                    skip_bad: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """Read all images and labels of a split, as the book does, but kept as uint8 (about 10x less memory).
+    A bad file stops with its name, or with ``skip_bad`` is left out with a warning."""
     voc_dir = Path(voc_dir)
     names = read_split_names(voc_dir, split)
     colormap2label = voc_colormap2label() if colormap2label is None else colormap2label
@@ -242,10 +249,27 @@ def read_voc_images(voc_dir: str | os.PathLike, split: str = "train",
             raise UsageError(f"{label_path}: label is {tuple(label.shape)} but its image is {tuple(image.shape[1:])}")
         return image, label
 
+    def read_or_skip(name: str) -> tuple[torch.Tensor, torch.Tensor] | str:
+        try:
+            return read_pair(name)
+        except UsageError as e:
+            if not skip_bad:
+                raise
+            return str(e)
+
     # PIL releases the GIL while decoding, so threads decode in parallel.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        pairs = list(pool.map(read_pair, names))
-    return [p[0] for p in pairs], [p[1] for p in pairs], names
+        pairs = list(pool.map(read_or_skip, names))
+    skipped = [p for p in pairs if isinstance(p, str)]
+    for problem in skipped:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    if skipped:
+        print(f"warning: --skip-bad left out {len(skipped)} of {len(names)} examples of the {split} split",
+              file=sys.stderr)
+    kept = [(p, n) for p, n in zip(pairs, names) if not isinstance(p, str)]
+    if not kept:
+        raise UsageError(f"no readable example left in the {split} split")
+    return [p[0] for p, _ in kept], [p[1] for p, _ in kept], [n for _, n in kept]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -989,6 +1013,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (the book: 320 480)")
     data.add_argument("--void", choices=["background", "ignore"],
                       help="void pixels: trained as background (the book) or ignored")
+    data.add_argument("--skip-bad", action="store_true",
+                      help="leave out unreadable or inconsistent examples with a warning (default: stop)")
     data.add_argument("--workers", type=int, help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "
                       "where crops are cheap and workers would compete with the training threads)")
     model = p.add_argument_group("model and optimizer")
@@ -1198,8 +1224,8 @@ def train(args: argparse.Namespace) -> list[dict]:
                          f"{ctx.world_size} processes")
     log = print if ctx.is_main else (lambda *a, **k: None)
     log(f"reading {voc_dir} ...")
-    train_set = VOCSegDataset(*read_voc_images(voc_dir, "train"), crop_size=args.crop)
-    val_images, val_labels, _ = read_voc_images(voc_dir, "val")
+    train_set = VOCSegDataset(*read_voc_images(voc_dir, "train", skip_bad=args.skip_bad), crop_size=args.crop)
+    val_images, val_labels, _ = read_voc_images(voc_dir, "val", skip_bad=args.skip_bad)
     log(f"read {len(train_set)} training and {len(val_images)} validation examples "
         f"({train_set.nbytes() / 2**20:.0f} MB as uint8)")
     speed = resolve_speed_flags(args, device, train_set.nbytes())
