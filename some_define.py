@@ -1326,13 +1326,13 @@ def train(args: argparse.Namespace) -> list[dict]:
                             "val_miou": val["miou"], "img_per_s": seen / stats["seconds"],
                             "seconds": stats["seconds"]})
             log(epoch_line(history[-1], last_epoch, device, flops), flush=True)
-            if ctx.is_main:
-                write_history(history, out / "history.csv")
-                plot_curves(history, out / "curves.png", title=f"{args.model}, {args.optimizer} lr {args.lr:g}")
+            if ctx.is_main:   # the checkpoint first: it is what a crash must not lose
                 save_checkpoint(out / "last.pt", checkpoint(epoch, 0, None))
                 if val["miou"] > best:
                     best = val["miou"]
                     save_checkpoint(out / "best.pt", checkpoint(epoch, 0, None))
+                write_history(history, out / "history.csv")
+                plot_curves(history, out / "curves.png", title=f"{args.model}, {args.optimizer} lr {args.lr:g}")
     log(f"wrote {out / 'history.csv'}, {out / 'curves.png'}, {out / 'last.pt'}, {out / 'best.pt'}")
     return history
 
