@@ -502,7 +502,7 @@ def resnet18_backbone(pretrained: str = "imagenet") -> torchvision.models.ResNet
                 net.load_state_dict(weights.get_state_dict(progress=True))
             except Exception as e:  # network down, proxy, read-only cache, ...
                 raise UsageError(
-                    f"could not download the ImageNet ResNet-18 weights ({type(e).__name__}: {e}); download "
+                    f"could not download the ImageNet ResNet-18 weights ({type(e).__name__}); download "
                     f"{weights.url} by hand and put {RESNET18_FILE} in the current folder or pass --pretrained PATH, "
                     f"or train from scratch with --pretrained none")
             return net
@@ -512,7 +512,8 @@ def resnet18_backbone(pretrained: str = "imagenet") -> torchvision.models.ResNet
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:
-        raise UsageError(f"--pretrained {pretrained}: not a ResNet-18 state_dict ({type(e).__name__}: {e})")
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"--pretrained {pretrained}: not a ResNet-18 state_dict ({type(e).__name__}: {first})")
     return net
 
 
@@ -828,17 +829,17 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce   # differentiable: gradients flow across processes
-        c = x.shape[1]
+        c, shape = x.shape[1], (1, x.shape[1], 1, 1)
         local_count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
-        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), local_count]))
-        count = stats[-1]
-        mean = stats[:c] / count
-        var = stats[c:2 * c] / count - mean * mean
+        sums = all_reduce(torch.cat([x.sum((0, 2, 3)), local_count]))
+        count = sums[-1]
+        mean = sums[:c] / count
+        # A second pass for the variance: E[x^2] - mean^2 loses digits and drifts from the single-process step.
+        var = all_reduce(((x - mean.view(shape)) ** 2).sum((0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)
-        shape = (1, c, 1, 1)
         x_hat = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
         return x_hat * self.weight.view(shape) + self.bias.view(shape)
 
