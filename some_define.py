@@ -69,8 +69,11 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write there ({e.strerror}); choose another output path")
     os.close(fd)
     try:
         write(tmp)
@@ -205,8 +208,8 @@ def read_label(path: str | os.PathLike, colormap2label: torch.Tensor, num_classe
 
     Palette ('P') and 8-bit grayscale images already hold indices; RGB images are mapped through the colormap."""
     with Image.open(path) as im:
-        if im.mode in ("P", "L"):
-            label = torch.from_numpy(np.array(im, dtype=np.uint8))
+        if im.mode in ("P", "L") or im.mode.startswith("I"):   # indices, 8- or 16-bit
+            label = torch.from_numpy(np.array(im).astype(np.int64))
         else:
             label = voc_label_indices(torch.from_numpy(np.array(im.convert("RGB"))), colormap2label)
     if ignore_index is not None:
@@ -215,7 +218,7 @@ def read_label(path: str | os.PathLike, colormap2label: torch.Tensor, num_classe
     if bad.any():
         raise UsageError(f"{path}: label value {int(label[bad][0])} is not a class index (0..{num_classes - 1}) "
                          f"or void ({VOID}); check the file, the class list (--classes) or --ignore-index")
-    return label
+    return label.to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -260,11 +263,15 @@ def read_split_names(voc_dir: Path, split: str) -> list[str]:
 
 
 def read_image(path: str | os.PathLike, upright: bool = False) -> torch.Tensor:
-    """An image file as a uint8 tensor (3 x H x W); grayscale, RGBA and CMYK are converted to RGB. ``upright``
-    applies the EXIF orientation of phone photos, as image viewers do (dataset labels follow the stored pixels)."""
+    """An image file as a uint8 tensor (3 x H x W); grayscale, RGBA, CMYK and 16-bit images are converted to RGB.
+    ``upright`` applies the EXIF orientation of phone photos, as image viewers do (dataset labels follow the stored
+    pixels)."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im) if upright else im
+            if im.mode.startswith("I;16"):   # PIL would clip 16-bit values at 255; keep the top 8 bits instead
+                gray = torch.from_numpy((np.array(im, dtype=np.uint16) >> 8).astype(np.uint8))
+                return gray.expand(3, *gray.shape).contiguous()
             return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found")
@@ -274,8 +281,10 @@ def read_image(path: str | os.PathLike, upright: bool = False) -> torch.Tensor:
 
 def read_voc_images(voc_dir: str | os.PathLike, split: str = "train",
                     colormap2label: torch.Tensor | None = None, num_classes: int = len(VOC_CLASSES),
-                    ignore_index: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
-    """Read all images and labels of a split, as the book does, but kept as uint8 (about 10x less memory)."""
+                    ignore_index: int | None = None, skip_bad: bool = False
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """Read all images and labels of a split, as the book does, but kept as uint8 (about 10x less memory).
+    A bad file stops with its name, or with ``skip_bad`` is left out with a warning."""
     voc_dir = Path(voc_dir)
     names = read_split_names(voc_dir, split)
     colormap2label = voc_colormap2label() if colormap2label is None else colormap2label
@@ -293,16 +302,34 @@ def read_voc_images(voc_dir: str | os.PathLike, split: str = "train",
             raise UsageError(f"{label_path}: label is {tuple(label.shape)} but its image is {tuple(image.shape[1:])}")
         return image, label
 
+    def read_or_skip(name: str) -> tuple[torch.Tensor, torch.Tensor] | str:
+        try:
+            return read_pair(name)
+        except UsageError as e:
+            if not skip_bad:
+                raise
+            return str(e)
+
     # PIL releases the GIL while decoding, so threads decode in parallel.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        pairs = list(pool.map(read_pair, names))
-    return [p[0] for p in pairs], [p[1] for p in pairs], names
+        pairs = list(pool.map(read_or_skip, names))
+    skipped = [p for p in pairs if isinstance(p, str)]
+    for problem in skipped:
+        print(f"warning: skipped {problem}", file=sys.stderr)
+    if skipped:
+        print(f"warning: --skip-bad left out {len(skipped)} of {len(names)} examples of the {split} split",
+              file=sys.stderr)
+    kept = [(p, n) for p, n in zip(pairs, names) if not isinstance(p, str)]
+    if not kept:
+        raise UsageError(f"no readable example left in the {split} split")
+    return [p[0] for p, _ in kept], [p[1] for p, _ in kept], [n for _, n in kept]
 
 
 def read_split(voc_dir: str | os.PathLike, split: str, colormap: Sequence[Sequence[int]],
-               ignore_index: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+               ignore_index: int | None = None, skip_bad: bool = False
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
     """read_voc_images for a dataset given by its class colours (one per class)."""
-    return read_voc_images(voc_dir, split, voc_colormap2label(colormap), len(colormap), ignore_index)
+    return read_voc_images(voc_dir, split, voc_colormap2label(colormap), len(colormap), ignore_index, skip_bad)
 
 
 def download_file(url: str, path: Path) -> None:
@@ -1172,6 +1199,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (the book: 320 480)")
     data.add_argument("--void", choices=["background", "ignore"],
                       help="void pixels: trained as background (the book) or ignored")
+    data.add_argument("--skip-bad", action="store_true",
+                      help="leave out unreadable or inconsistent examples with a warning (default: stop)")
     data.add_argument("--workers", type=int, help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "
                       "where crops are cheap and workers would compete with the training threads)")
     model = p.add_argument_group("model and optimizer")
@@ -1406,8 +1435,9 @@ def train(args: argparse.Namespace) -> list[dict]:
                          f"{ctx.world_size} processes")
     log = print if ctx.is_main else (lambda *a, **k: None)
     log(f"reading {voc_dir} ...")
-    train_set = VOCSegDataset(*read_split(voc_dir, args.train_split, colormap, args.ignore_index), crop_size=args.crop)
-    val_images, val_labels, _ = read_split(voc_dir, args.val_split, colormap, args.ignore_index)
+    train_set = VOCSegDataset(*read_split(voc_dir, args.train_split, colormap, args.ignore_index, args.skip_bad),
+                              crop_size=args.crop)
+    val_images, val_labels, _ = read_split(voc_dir, args.val_split, colormap, args.ignore_index, args.skip_bad)
     log(f"read {len(train_set)} training and {len(val_images)} validation examples "
         f"({train_set.nbytes() / 2**20:.0f} MB as uint8)")
     speed = resolve_speed_flags(args, device, train_set.nbytes())
@@ -1508,13 +1538,13 @@ def train(args: argparse.Namespace) -> list[dict]:
                             "val_miou": val["miou"], "img_per_s": seen / stats["seconds"],
                             "seconds": stats["seconds"]})
             log(epoch_line(history[-1], last_epoch, device, flops), flush=True)
-            if ctx.is_main:
-                write_history(history, out / "history.csv")
-                plot_curves(history, out / "curves.png", title=f"{args.model}, {args.optimizer} lr {args.lr:g}")
+            if ctx.is_main:   # the checkpoint first: it is what a crash must not lose
                 save_checkpoint(out / "last.pt", checkpoint(epoch, 0, None))
                 if val["miou"] > best:
                     best = val["miou"]
                     save_checkpoint(out / "best.pt", checkpoint(epoch, 0, None))
+                write_history(history, out / "history.csv")
+                plot_curves(history, out / "curves.png", title=f"{args.model}, {args.optimizer} lr {args.lr:g}")
     log(f"wrote {out / 'history.csv'}, {out / 'curves.png'}, {out / 'last.pt'}, {out / 'best.pt'}")
     return history
 
