@@ -1147,7 +1147,7 @@ def overlay_with_legend(image: torch.Tensor, pred: torch.Tensor, colormap: Seque
     the classes present."""
     blended = Image.blend(Image.fromarray(image.permute(1, 2, 0).numpy()),
                           Image.fromarray(label2image(pred, colormap).numpy()), alpha)
-    present = [c for c in torch.unique(pred).tolist() if c < len(class_names)]
+    present = torch.unique(pred).tolist()
     font = ImageFont.load_default(size=max(12, blended.height // 40))   # readable on photos and thumbnails alike
     line = round(font.size * 1.5)
     draw = ImageDraw.Draw(blended)
@@ -1270,7 +1270,7 @@ def dataset_dir(voc_dir: str | None, demo: bool) -> Path:
 
 def training_dataset_dir(args: argparse.Namespace) -> Path:
     """dataset_dir, after --download has fetched VOC into the parent folder of --voc-dir if it is not there yet."""
-    if not args.download:
+    if args.demo or not args.download:
         return dataset_dir(args.voc_dir, args.demo)
     voc_dir = Path(args.voc_dir or "VOC2012")
     fetched = voc_dir.parent / "VOCdevkit" / "VOC2012"
@@ -1603,6 +1603,8 @@ def finish_predict_args(args: argparse.Namespace, checkpoint: dict) -> argparse.
         args.ignore_index = config.get("ignore_index")
     if args.tta and not args.images:
         raise UsageError("--tta applies to --images")
+    if args.images and args.eval:
+        raise UsageError("--images and --eval do not go together (--eval measures a dataset split)")
     if args.classes:
         check_classes_match(*load_classes(args.classes), checkpoint, args.classes)
     return args

@@ -310,6 +310,19 @@ def test_mismatched_classes_are_refused(trained, tmp_path):
         sd.check_classes_match(NAMES, [[0, 0, 0], *COLOURS[1:]], checkpoint, "other.txt")
 
 
+def test_predict_flags_default_to_the_training_run():
+    checkpoint = {"class_names": NAMES, "colormap": COLOURS, "config": {"val_split": "check", "ignore_index": 11}}
+    parse = lambda *argv: sd.predict_arg_parser("", "c.pt", "f.png").parse_args(list(argv))
+    args = sd.finish_predict_args(parse(), checkpoint)
+    assert (args.split, args.ignore_index) == ("check", 11)
+    args = sd.finish_predict_args(parse("--split", "val", "--ignore-index", "3"), checkpoint)
+    assert (args.split, args.ignore_index) == ("val", 3)
+    with pytest.raises(sd.UsageError, match="--tta applies to --images"):
+        sd.finish_predict_args(parse("--tta"), checkpoint)
+    with pytest.raises(sd.UsageError, match="--images and --eval do not go together"):
+        sd.finish_predict_args(parse("--images", "x.jpg", "--eval"), checkpoint)
+
+
 def test_outputs_must_not_clash_or_replace_inputs(tmp_path):
     a, b = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.png"
     with pytest.raises(sd.UsageError, match="would both be written as x.png"):
