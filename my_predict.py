@@ -2,11 +2,13 @@
 
     python my_predict.py            # pictures/myout.png (image / ground truth / UNet) and pictures/compare.png
     python my_predict.py --eval     # full-resolution metrics of both models over the whole val split
+    python my_predict.py --images photos/ --save-dir predictions --tta   # NAME.png (class indices), NAME_overlay.jpg
 """
 from pathlib import Path
 
-from some_define import (checkpoint_dataset_dir, evaluate_checkpoint, metrics_table, open_model, predict_arg_parser,
-                         prediction_figure, read_voc_images, run_main, save_figure, try_all_gpus_or_cpu, write_json)
+from some_define import (evaluate_checkpoint, finish_predict_args, metrics_table, open_model, predict_arg_parser,
+                         predict_images, prediction_figure, read_checkpoint_split, run_main, save_figure,
+                         try_all_gpus_or_cpu, write_json)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,14 +18,20 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     device = try_all_gpus_or_cpu(args.device)
     net, checkpoint = open_model(args.checkpoint, device)
+    args = finish_predict_args(args, checkpoint)
+    if args.images:
+        predict_images(net, checkpoint, args, device)
+        return
     models = [(f"{checkpoint['model'].upper()}", net, checkpoint, Path(args.checkpoint))]
     if Path(args.compare).is_file():
         fcn, fcn_checkpoint = open_model(args.compare, device)
-        models.insert(0, (f"{fcn_checkpoint['model'].upper()}", fcn, fcn_checkpoint, Path(args.compare)))
+        if fcn_checkpoint["class_names"] == checkpoint["class_names"]:
+            models.insert(0, (f"{fcn_checkpoint['model'].upper()}", fcn, fcn_checkpoint, Path(args.compare)))
+        else:
+            print(f"note: {args.compare} predicts other classes, so no comparison (pass --compare PATH)")
     else:
         print(f"note: no {args.compare}, so no comparison (train it with origin_train.py or pass --compare PATH)")
-    images, labels, names = read_voc_images(checkpoint_dataset_dir(args, checkpoint), args.split,
-                                            num_classes=checkpoint["num_classes"])
+    images, labels, names = read_checkpoint_split(args, checkpoint)
     if args.eval:
         columns = {}
         for label, model, model_checkpoint, path in models:

@@ -10,9 +10,9 @@ import copy
 import time
 from pathlib import Path
 
-from some_define import (UsageError, atomic_write, dataset_dir, evaluate_checkpoint, finish_train_args,
-                         load_checkpoint, model_from_checkpoint, prediction_figure, read_json, read_voc_images,
-                         run_main, save_figure, train, train_arg_parser, try_all_gpus_or_cpu, write_json)
+from some_define import (UsageError, atomic_write, dataset_classes, evaluate_checkpoint, finish_train_args,
+                         load_checkpoint, model_from_checkpoint, prediction_figure, read_json, read_split, run_main,
+                         save_figure, train, train_arg_parser, training_dataset_dir, try_all_gpus_or_cpu, write_json)
 
 DEFAULTS = {
     "voc_dir": "VOC2012",
@@ -85,8 +85,9 @@ def run_study(args: argparse.Namespace) -> None:
     """Train and evaluate every preset; a preset whose eval.json exists is done and skipped on a rerun."""
     out = Path(args.out or "runs/study")
     device = try_all_gpus_or_cpu(args.device or ("cpu" if args.demo else None))
-    voc_dir = dataset_dir(args.voc_dir, args.demo)
-    val_images, val_labels, val_names = read_voc_images(voc_dir, "val")
+    voc_dir = training_dataset_dir(args)
+    _, colormap = dataset_classes(args)
+    val_images, val_labels, val_names = read_split(voc_dir, args.val_split, colormap, args.ignore_index)
     rows, models = [], []
     for name in PRESETS:
         result_path = out / name / "eval.json"

@@ -2,19 +2,24 @@
 
     python origin_predict.py               # pictures/origin_out.png: image / ground truth / prediction for 4 val images
     python origin_predict.py --eval        # full-resolution metrics over the whole val split, as JSON and a table
+    python origin_predict.py --images photos/ --save-dir predictions   # NAME.png (class indices), NAME_overlay.jpg
 """
 from pathlib import Path
 
-from some_define import (checkpoint_dataset_dir, evaluate_checkpoint, metrics_table, open_model, predict_arg_parser,
-                         prediction_figure, read_voc_images, run_main, save_figure, try_all_gpus_or_cpu, write_json)
+from some_define import (evaluate_checkpoint, finish_predict_args, metrics_table, open_model, predict_arg_parser,
+                         predict_images, prediction_figure, read_checkpoint_split, run_main, save_figure,
+                         try_all_gpus_or_cpu, write_json)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = predict_arg_parser(__doc__.splitlines()[0], "runs/origin/last.pt", "pictures/origin_out.png").parse_args(argv)
     device = try_all_gpus_or_cpu(args.device)
     net, checkpoint = open_model(args.checkpoint, device)
-    images, labels, names = read_voc_images(checkpoint_dataset_dir(args, checkpoint), args.split,
-                                            num_classes=checkpoint["num_classes"])
+    args = finish_predict_args(args, checkpoint)
+    if args.images:
+        predict_images(net, checkpoint, args, device)
+        return
+    images, labels, names = read_checkpoint_split(args, checkpoint)
     if args.eval:
         metrics = evaluate_checkpoint(net, checkpoint, images, labels, device, args.batch_size)
         path = args.metrics or Path(args.checkpoint).with_name(f"metrics_{args.split}.json")

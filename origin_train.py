@@ -2,6 +2,8 @@
 
     python origin_train.py                 # ./VOC2012, or --voc-dir PATH
     python origin_train.py --demo          # the built-in synthetic data, on the CPU, in about 2 minutes
+    python origin_train.py --download      # fetch and extract VOC 2012 first (--mirror URL if its host is down)
+    python origin_train.py --voc-dir mine --classes mine/classes.txt   # your own dataset in VOC layout
 """
 from some_define import finish_train_args, run_main, train, train_arg_parser
 

@@ -13,17 +13,22 @@ Sections, in reading order:
  9. Checkpoints
 10. Figures
 11. Command-line pieces shared by the scripts
+12. Your own images: full-resolution prediction to palette PNGs and overlays
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import copy
+import glob
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent
@@ -153,15 +158,53 @@ def voc_label_indices(colormap: torch.Tensor, colormap2label: torch.Tensor) -> t
     return colormap2label[idx]
 
 
-def label2image(pred: torch.Tensor, colormap: Sequence[Sequence[int]] = VOC_COLORMAP) -> torch.Tensor:
-    """Class indices (H x W) -> RGB image (H x W x 3, uint8); VOID is drawn in VOC's boundary colour."""
+def load_classes(path: str | os.PathLike) -> tuple[list[str], list[list[int]]]:
+    """Read a class file: one class per line, ``name`` or ``name R G B``; a class's index is its line number.
+    Classes without a colour get VOC's palette colour of their index, so a plain list of names draws like VOC."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--classes {path}: cannot read it ({e})")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    palette = voc_palette()
+    names, colormap = [], []
+    for index, line in enumerate(lines):
+        fields = line.split()
+        if not fields:   # a blank line would silently shift every later index
+            raise UsageError(f"{path}, line {index + 1}: empty; each line is a class and its index is the line number")
+        if len(fields) >= 4 and all(f.isdigit() for f in fields[-3:]):
+            name, color = " ".join(fields[:-3]), [int(f) for f in fields[-3:]]
+        else:
+            name, color = " ".join(fields), palette[3 * index:3 * index + 3]
+        if max(color) > 255:
+            raise UsageError(f"{path}, line {index + 1}: colour {color} has a value above 255")
+        names.append(name)
+        colormap.append(color)
+    if not 1 <= len(names) < VOID:
+        raise UsageError(f"--classes {path}: {len(names)} classes; a dataset has 1 to {VOID} (label {VOID} is void)")
+    for what, values in (("name", names), ("colour", [tuple(c) for c in colormap])):
+        if len(set(values)) < len(values):   # RGB masks could not tell such classes apart
+            twice = next(v for v in values if values.count(v) > 1)
+            raise UsageError(f"--classes {path}: the {what} {twice} is given to two classes")
+    return names, colormap
+
+
+def colormap_lut(colormap: Sequence[Sequence[int]]) -> torch.Tensor:
+    """256 x 3 uint8 colours by label value: the classes' colours, then VOC's boundary colour for void and the rest."""
     lut = torch.tensor([*colormap] + [VOID_COLOR] * (256 - len(colormap)), dtype=torch.uint8)
     lut[VOID] = torch.tensor(VOID_COLOR, dtype=torch.uint8)
-    return lut[pred.long().cpu()]
+    return lut
 
 
-def read_label(path: str | os.PathLike, colormap2label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Read a label PNG as class indices (uint8, H x W, VOID = 255).
+def label2image(pred: torch.Tensor, colormap: Sequence[Sequence[int]] = VOC_COLORMAP) -> torch.Tensor:
+    """Class indices (H x W) -> RGB image (H x W x 3, uint8); VOID is drawn in VOC's boundary colour."""
+    return colormap_lut(colormap)[pred.long().cpu()]
+
+
+def read_label(path: str | os.PathLike, colormap2label: torch.Tensor, num_classes: int,
+               ignore_index: int | None = None) -> torch.Tensor:
+    """Read a label PNG as class indices (uint8, H x W, VOID = 255); ``ignore_index`` is void as well.
 
     Palette ('P') and 8-bit grayscale images already hold indices; RGB images are mapped through the colormap."""
     with Image.open(path) as im:
@@ -169,10 +212,12 @@ def read_label(path: str | os.PathLike, colormap2label: torch.Tensor, num_classe
             label = torch.from_numpy(np.array(im).astype(np.int64))
         else:
             label = voc_label_indices(torch.from_numpy(np.array(im.convert("RGB"))), colormap2label)
+    if ignore_index is not None:
+        label = label.masked_fill(label == ignore_index, VOID)
     bad = (label >= num_classes) & (label != VOID)
     if bad.any():
         raise UsageError(f"{path}: label value {int(label[bad][0])} is not a class index (0..{num_classes - 1}) "
-                         f"or void ({VOID}); check the file or the class list")
+                         f"or void ({VOID}); check the file, the class list (--classes) or --ignore-index")
     return label.to(torch.uint8)
 
 
@@ -181,6 +226,8 @@ def read_label(path: str | os.PathLike, colormap2label: torch.Tensor, num_classe
 # ---------------------------------------------------------------------------------------------------------------------
 
 VOC_TAR = "VOCtrainval_11-May-2012.tar"
+VOC_URL = f"http://host.robots.ox.ac.uk/pascal/VOC/voc2012/{VOC_TAR}"
+VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 
 
 def is_voc_dir(path: Path) -> bool:
@@ -189,18 +236,20 @@ def is_voc_dir(path: Path) -> bool:
 
 
 def find_voc_dir(path: str | os.PathLike) -> Path:
-    """Accept a VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012."""
+    """Accept a VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012. A path named VOC2012 is also
+    looked for in ../VOCdevkit/, where --download extracts it."""
     path = Path(path)
     candidates = [path, path / "VOC2012", path / "VOCdevkit" / "VOC2012"]
+    if path.name == "VOC2012":
+        candidates.append(path.parent / "VOCdevkit" / "VOC2012")
     for candidate in candidates:
         if is_voc_dir(candidate):
             return candidate
     tried = ", ".join(str(c) for c in candidates)
     raise UsageError(
         f"no VOC dataset found (tried {tried}); expected a VOC2012 folder with JPEGImages/, SegmentationClass/ and "
-        f"ImageSets/Segmentation/{{train,val}}.txt, from {VOC_TAR} (2 GB, "
-        f"http://host.robots.ox.ac.uk/pascal/VOC/voc2012/{VOC_TAR}); pass --voc-dir PATH, "
-        f"or run with --demo to use the built-in synthetic data")
+        f"ImageSets/Segmentation/{{train,val}}.txt, from {VOC_TAR} (2 GB, {VOC_URL}); pass --voc-dir PATH, "
+        f"train with --download to fetch it, or run with --demo to use the built-in synthetic data")
 
 
 def read_split_names(voc_dir: Path, split: str) -> list[str]:
@@ -213,23 +262,27 @@ def read_split_names(voc_dir: Path, split: str) -> list[str]:
     return names
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as a uint8 tensor (3 x H x W); grayscale, RGBA, CMYK and 16-bit images are converted to RGB."""
+def read_image(path: str | os.PathLike, upright: bool = False) -> torch.Tensor:
+    """An image file as a uint8 tensor (3 x H x W); grayscale, RGBA, CMYK and 16-bit images are converted to RGB.
+    ``upright`` applies the EXIF orientation of phone photos, as image viewers do (dataset labels follow the stored
+    pixels)."""
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im) if upright else im
             if im.mode.startswith("I;16"):   # PIL would clip 16-bit values at 255; keep the top 8 bits instead
                 gray = torch.from_numpy((np.array(im, dtype=np.uint16) >> 8).astype(np.uint8))
                 return gray.expand(3, *gray.shape).contiguous()
             return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found")
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:
         raise UsageError(f"{path}: cannot read the image ({e})")
 
 
 def read_voc_images(voc_dir: str | os.PathLike, split: str = "train",
                     colormap2label: torch.Tensor | None = None, num_classes: int = len(VOC_CLASSES),
-                    skip_bad: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+                    ignore_index: int | None = None, skip_bad: bool = False
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
     """Read all images and labels of a split, as the book does, but kept as uint8 (about 10x less memory).
     A bad file stops with its name, or with ``skip_bad`` is left out with a warning."""
     voc_dir = Path(voc_dir)
@@ -242,7 +295,7 @@ def read_voc_images(voc_dir: str | os.PathLike, split: str = "train",
         if not label_path.is_file():
             raise UsageError(f"{label_path}: label file not found (listed in the {split} split)")
         try:
-            label = read_label(label_path, colormap2label, num_classes)
+            label = read_label(label_path, colormap2label, num_classes, ignore_index)
         except OSError as e:
             raise UsageError(f"{label_path}: cannot read the label ({e})")
         if label.shape != image.shape[1:]:
@@ -270,6 +323,104 @@ def read_voc_images(voc_dir: str | os.PathLike, split: str = "train",
     if not kept:
         raise UsageError(f"no readable example left in the {split} split")
     return [p[0] for p, _ in kept], [p[1] for p, _ in kept], [n for _, n in kept]
+
+
+def read_split(voc_dir: str | os.PathLike, split: str, colormap: Sequence[Sequence[int]],
+               ignore_index: int | None = None, skip_bad: bool = False
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """read_voc_images for a dataset given by its class colours (one per class)."""
+    return read_voc_images(voc_dir, split, voc_colormap2label(colormap), len(colormap), ignore_index, skip_bad)
+
+
+def download_file(url: str, path: Path) -> None:
+    """Fetch ``url`` into ``path`` through ``path.part`` with a progress bar. A .part left by an interrupted run is
+    continued with an HTTP Range request; a server that ignores the range (or a file:// URL) sends everything
+    again, and the .part then starts afresh. The .part becomes ``path`` only once complete."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    from tqdm import tqdm
+    part = path.with_name(path.name + ".part")
+    start = part.stat().st_size if part.is_file() else 0
+    total = None
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if response.status != 206:
+                start = 0
+            length = response.headers.get("Content-Length")
+            total = start + int(length) if length else None
+            with open(part, "ab" if start else "wb") as f, \
+                    tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name,
+                         dynamic_ncols=True) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        if not (e.code == 416 and start):   # 416: nothing left after the .part, which is therefore complete
+            raise UsageError(f"downloading {url} failed (HTTP {e.code} {e.reason}); try another --mirror URL")
+    except (OSError, http.client.HTTPException) as e:
+        raise UsageError(f"downloading {url} failed ({getattr(e, 'reason', e)}); run again to resume from the "
+                         f"{part.stat().st_size if part.is_file() else 0} bytes in {part}, or try another --mirror URL")
+    if total is not None and part.stat().st_size < total:
+        raise UsageError(f"downloading {url} stopped at {part.stat().st_size} of {total} bytes; run again to resume "
+                         f"from {part}")
+    os.replace(part, path)
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_voc_tar(tar_path: Path, root: Path) -> Path:
+    """Extract into a temporary folder inside ``root``, then move its VOCdevkit/VOC2012 into ``root/VOCdevkit``
+    in one rename: a failure leaves no half-extracted tree that could pass for the dataset."""
+    # Python's "data" filter refuses absolute paths, "..", links out of the tree and device files.
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extracting-"))
+    try:
+        try:
+            with tarfile.open(tar_path) as tar:
+                tar.extractall(tmp, **safe)
+        except (tarfile.TarError, OSError) as e:
+            raise UsageError(f"{tar_path}: cannot extract it ({e}); nothing was extracted")
+        extracted, target = tmp / "VOCdevkit" / "VOC2012", root / "VOCdevkit" / "VOC2012"
+        if not is_voc_dir(extracted):
+            raise UsageError(f"{tar_path}: it holds no VOCdevkit/VOC2012 with JPEGImages/, SegmentationClass/ and "
+                             f"ImageSets/Segmentation/; nothing was extracted")
+        target.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(extracted, target)
+        except OSError as e:
+            raise UsageError(f"{target} exists but is not a complete VOC2012 ({e.strerror}); move it away and run "
+                             f"again")
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download_voc(root: str | os.PathLike, url: str = VOC_URL, md5: str | None = None) -> Path:
+    """Fetch VOC_TAR into ``root`` (resuming a partial download), check its MD5 (``md5``, default VOC_MD5) and
+    extract it; return root/VOCdevkit/VOC2012. The tar is kept (2 GB; delete it once extracted if space is short)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tar_path = root / VOC_TAR
+    if not tar_path.is_file():
+        print(f"downloading {url} into {root}")
+        download_file(url, tar_path)
+    expected = md5 or VOC_MD5
+    print(f"checking the MD5 of {tar_path} ...")
+    actual = file_md5(tar_path)
+    if actual != expected:
+        tar_path.unlink()   # a wrong complete file cannot be resumed: the next run must fetch it afresh
+        raise UsageError(f"{tar_path}: MD5 {actual} is not the expected {expected}; removed it, run again to "
+                         f"download it afresh (or try another --mirror URL)")
+    print(f"extracting {tar_path} ...")
+    return extract_voc_tar(tar_path, root)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -778,10 +929,11 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
 
 @torch.inference_mode()
 def predict_full_res(net: nn.Module, images: Sequence[torch.Tensor], device: torch.device, batch_size: int = 8,
-                     amp_dtype: torch.dtype | None = None, channels_last: bool = False
+                     amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False
                      ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (index, predicted labels H x W) for every image at full resolution. Images that pad to the same
-    multiple-of-32 size are batched together, so each prediction equals the one of that image alone."""
+    multiple-of-32 size are batched together, so each prediction equals the one of that image alone.
+    ``tta`` averages the logits with those of the horizontally mirrored batch (mirrored back)."""
     net.eval()
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
@@ -794,7 +946,10 @@ def predict_full_res(net: nn.Module, images: Sequence[torch.Tensor], device: tor
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):
-                pred = net(x).argmax(1)
+                logits = net(x)
+                if tta:
+                    logits = (logits + net(x.flip(-1)).flip(-1)) / 2
+            pred = logits.argmax(1)
             for i, p in zip(chunk, pred):
                 h, w = images[i].shape[1:]
                 yield i, p[:h, :w]
@@ -987,6 +1142,27 @@ def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "") -
     save_figure(fig, path)
 
 
+def overlay_with_legend(image: torch.Tensor, pred: torch.Tensor, colormap: Sequence[Sequence[int]],
+                        class_names: Sequence[str], alpha: float = 0.5) -> Image.Image:
+    """The image (3 x H x W uint8) blended with the colours of its predicted classes, and on its right a legend of
+    the classes present."""
+    blended = Image.blend(Image.fromarray(image.permute(1, 2, 0).numpy()),
+                          Image.fromarray(label2image(pred, colormap).numpy()), alpha)
+    present = torch.unique(pred).tolist()
+    font = ImageFont.load_default(size=max(12, blended.height // 40))   # readable on photos and thumbnails alike
+    line = round(font.size * 1.5)
+    draw = ImageDraw.Draw(blended)
+    width = line + max(round(draw.textlength(class_names[c], font=font)) for c in present) + line
+    canvas = Image.new("RGB", (blended.width + width, max(blended.height, line * (len(present) + 1))), "white")
+    canvas.paste(blended)
+    draw = ImageDraw.Draw(canvas)
+    for row, c in enumerate(present):
+        x, y = blended.width + line // 2, line // 2 + row * line
+        draw.rectangle([x, y, x + font.size, y + font.size], fill=tuple(colormap[c]), outline="black")
+        draw.text((x + line, y), class_names[c], fill="black", font=font)
+    return canvas
+
+
 def write_history(history: list[dict], path: str | os.PathLike) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
@@ -1011,6 +1187,16 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--voc-dir", help="VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012")
     data.add_argument("--demo", action="store_true", help="use the built-in synthetic VOC-layout data (CPU, minutes)")
+    data.add_argument("--download", action="store_true",
+                      help=f"if the data is not there, fetch {VOC_TAR} (2 GB) into the parent folder of --voc-dir, "
+                      f"check its MD5 and extract VOCdevkit/VOC2012 there; an interrupted download resumes")
+    data.add_argument("--mirror", metavar="URL", help=f"where --download fetches the tar (default {VOC_URL})")
+    data.add_argument("--classes", metavar="FILE", help="your dataset's classes, one per line: 'name' or "
+                      "'name R G B' (index = line number; no colours: VOC's palette); default: VOC's 21")
+    data.add_argument("--ignore-index", type=int, metavar="K",
+                      help="label value K is void like 255 (e.g. CamVid's 'unlabelled' 11)")
+    data.add_argument("--train-split", default="train", metavar="NAME", help="ImageSets/Segmentation/NAME.txt")
+    data.add_argument("--val-split", default="val", metavar="NAME", help="ImageSets/Segmentation/NAME.txt")
     data.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (the book: 320 480)")
     data.add_argument("--void", choices=["background", "ignore"],
                       help="void pixels: trained as background (the book) or ignored")
@@ -1066,6 +1252,10 @@ def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Name
               (args.wd >= 0, "--wd must not be negative"),
               (args.workers >= 0, "--workers must not be negative"),
               (args.accum_steps >= 1, "--accum-steps must be at least 1"),
+              (args.ignore_index is None or 0 <= args.ignore_index < VOID,
+               f"--ignore-index must be a label value 0..{VOID - 1} ({VOID} is always void)"),
+              (args.mirror is None or args.download, "--mirror goes with --download"),
+              (not (args.download and args.demo), "--download and --demo do not go together"),
               (all(c > 0 and c % 32 == 0 for c in args.crop),
                f"--crop {args.crop[0]} {args.crop[1]}: both sides must be positive multiples of 32 "
                f"(the networks downsample by 32)")]
@@ -1077,6 +1267,27 @@ def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Name
 
 def dataset_dir(voc_dir: str | None, demo: bool) -> Path:
     return make_demo_voc() if demo else find_voc_dir(voc_dir or "VOC2012")
+
+
+def training_dataset_dir(args: argparse.Namespace) -> Path:
+    """dataset_dir, after --download has fetched VOC into the parent folder of --voc-dir if it is not there yet."""
+    if args.demo or not args.download:
+        return dataset_dir(args.voc_dir, args.demo)
+    voc_dir = Path(args.voc_dir or "VOC2012")
+    fetched = voc_dir.parent / "VOCdevkit" / "VOC2012"
+    try:
+        return find_voc_dir(voc_dir)
+    except UsageError:
+        if is_voc_dir(fetched):
+            return fetched
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # every process would write the same file
+        raise UsageError("--download under torchrun: fetch the data first with one process (python ... --download)")
+    return download_voc(voc_dir.parent, args.mirror or VOC_URL)
+
+
+def dataset_classes(args: argparse.Namespace) -> tuple[list[str], list[list[int]]]:
+    """Class names and colours of --classes FILE, else VOC's."""
+    return load_classes(args.classes) if args.classes else (list(VOC_CLASSES), [list(c) for c in VOC_COLORMAP])
 
 
 def print_config(args: argparse.Namespace, speed: dict, ctx: "DistributedContext") -> None:
@@ -1210,8 +1421,8 @@ def train(args: argparse.Namespace) -> list[dict]:
     ctx = DistributedContext(args.device)
     device = ctx.device
     seed_everything(args.seed)
-    voc_dir = dataset_dir(args.voc_dir, args.demo)
-    class_names, colormap = VOC_CLASSES, VOC_COLORMAP
+    voc_dir = training_dataset_dir(args)
+    class_names, colormap = dataset_classes(args)
     out = Path(args.out)
     if ctx.is_main:
         try:
@@ -1225,8 +1436,9 @@ def train(args: argparse.Namespace) -> list[dict]:
                          f"{ctx.world_size} processes")
     log = print if ctx.is_main else (lambda *a, **k: None)
     log(f"reading {voc_dir} ...")
-    train_set = VOCSegDataset(*read_voc_images(voc_dir, "train", skip_bad=args.skip_bad), crop_size=args.crop)
-    val_images, val_labels, _ = read_voc_images(voc_dir, "val", skip_bad=args.skip_bad)
+    train_set = VOCSegDataset(*read_split(voc_dir, args.train_split, colormap, args.ignore_index, args.skip_bad),
+                              crop_size=args.crop)
+    val_images, val_labels, _ = read_split(voc_dir, args.val_split, colormap, args.ignore_index, args.skip_bad)
     log(f"read {len(train_set)} training and {len(val_images)} validation examples "
         f"({train_set.nbytes() / 2**20:.0f} MB as uint8)")
     speed = resolve_speed_flags(args, device, train_set.nbytes())
@@ -1361,7 +1573,10 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     p.add_argument("--checkpoint", default=checkpoint)
     p.add_argument("--voc-dir", help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--demo", action="store_true", help="use the built-in synthetic data")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", help="split to show or evaluate (default: the checkpoint's validation split)")
+    p.add_argument("--classes", metavar="FILE", help="the class file the checkpoint was trained with (checked "
+                   "against the classes the checkpoint carries)")
+    p.add_argument("--ignore-index", type=int, metavar="K", help="label value K is void (default: as in training)")
     p.add_argument("--num", type=int, default=4, help="images in the figure")
     p.add_argument("--figure", default=figure)
     p.add_argument("--eval", action="store_true", help="full-resolution metrics over the whole split")
@@ -1369,7 +1584,49 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    own = p.add_argument_group("your own images")
+    own.add_argument("--images", nargs="+", metavar="PATH", help="predict these image files, folders or globs "
+                     "(JPEG/PNG, any size) instead of a dataset split")
+    own.add_argument("--save-dir", default="predictions", help="where --images writes NAME.png (class indices as a "
+                     "palette PNG) and NAME_overlay.jpg")
+    own.add_argument("--tta", action="store_true", help="with --images: average the logits with those of the "
+                     "mirrored image")
     return p
+
+
+def finish_predict_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
+    """Fill --split and --ignore-index from the checkpoint's training run, and refuse a --classes file that
+    disagrees with the classes the checkpoint carries."""
+    config = checkpoint.get("config", {})
+    if args.split is None:
+        args.split = config.get("val_split", "val")
+    if args.ignore_index is None:
+        args.ignore_index = config.get("ignore_index")
+    if args.tta and not args.images:
+        raise UsageError("--tta applies to --images")
+    if args.images and args.eval:
+        raise UsageError("--images and --eval do not go together (--eval measures a dataset split)")
+    if args.classes:
+        check_classes_match(*load_classes(args.classes), checkpoint, args.classes)
+    return args
+
+
+def check_classes_match(class_names: Sequence[str], colormap: Sequence[Sequence[int]], checkpoint: dict,
+                        classes_file: str) -> None:
+    names, colors = checkpoint["class_names"], [list(c) for c in checkpoint["colormap"]]
+    if len(class_names) != len(names):
+        raise UsageError(f"--classes {classes_file}: {len(class_names)} classes, but the checkpoint was trained on "
+                         f"{len(names)} ({', '.join(names)}); drop --classes to use the checkpoint's")
+    for i, (given, color, name, trained) in enumerate(zip(class_names, colormap, names, colors)):
+        if (given, list(color)) != (name, trained):
+            raise UsageError(f"--classes {classes_file}: class {i} is {given!r} {list(color)}, but the checkpoint's "
+                             f"is {name!r} {trained}; drop --classes to use the checkpoint's")
+
+
+def read_checkpoint_split(args: argparse.Namespace, checkpoint: dict
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """The split to show or evaluate, its labels read with the checkpoint's classes."""
+    return read_split(checkpoint_dataset_dir(args, checkpoint), args.split, checkpoint["colormap"], args.ignore_index)
 
 
 def open_model(path: str | os.PathLike, device: torch.device) -> tuple[nn.Module, dict]:
@@ -1435,3 +1692,81 @@ def prediction_figure(models: Sequence[tuple[str, nn.Module]], images: Sequence[
         titles.append([f"mIoU {image_miou(preds[i], labels[i], len(class_names), class_names):.2f}"
                        for i in range(len(images))])
     return show_images(rows, ["image", "ground truth", *[name for name, _ in models]], titles)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 12. Your own images: full-resolution prediction to palette PNGs and overlays
+# ---------------------------------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def collect_image_paths(patterns: Sequence[str]) -> list[Path]:
+    """Files as given, the JPEG/PNG files directly inside folders, and glob matches; in order, without repeats."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif path.exists():
+            found = [path]
+        else:
+            found = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
+        if not found:
+            raise UsageError(f"--images {pattern}: no such file, and no image in such a folder or glob")
+        paths += found
+    return list(dict.fromkeys(paths))
+
+
+def prediction_paths(image: Path, save_dir: Path) -> tuple[Path, Path]:
+    return save_dir / f"{image.stem}.png", save_dir / f"{image.stem}_overlay.jpg"
+
+
+def check_prediction_paths(images: Sequence[Path], save_dir: Path) -> None:
+    """Refuse, before any work, two inputs that would write the same files, or an output that would replace an
+    input (a PNG predicted into its own folder)."""
+    inputs = {p.resolve() for p in images}
+    first_by_stem: dict[str, Path] = {}
+    for image in images:
+        other = first_by_stem.setdefault(image.stem, image)
+        if other != image:
+            raise UsageError(f"{other} and {image} would both be written as {image.stem}.png; predict them into "
+                             f"different --save-dir folders")
+        if any(out.resolve() in inputs for out in prediction_paths(image, save_dir)):
+            raise UsageError(f"--save-dir {save_dir}: the prediction of {image} would replace an input; choose "
+                             f"another --save-dir")
+
+
+def save_label_png(pred: torch.Tensor, colormap: Sequence[Sequence[int]], path: str | os.PathLike) -> None:
+    """Class indices (H x W) as a palette PNG: viewers show the class colours, PIL (np.array) reads the indices."""
+    im = Image.fromarray(pred.to(torch.uint8).cpu().numpy())
+    im.putpalette(colormap_lut(colormap).flatten().tolist())   # an 'L' image with a palette becomes 'P'
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def predict_images(net: nn.Module, checkpoint: dict, args: argparse.Namespace, device: torch.device) -> None:
+    """--images: for every file, SAVE_DIR/NAME.png and SAVE_DIR/NAME_overlay.jpg at the input's full size. Images
+    go one at a time (the network pads to a multiple of 32 and crops back), so a large photo needs only its own
+    memory. An unreadable file is reported on one line and skipped; the exit code is 2 at the end."""
+    from tqdm import tqdm
+    images = collect_image_paths(args.images)
+    save_dir = Path(args.save_dir)
+    check_prediction_paths(images, save_dir)
+    class_names, colormap = checkpoint["class_names"], checkpoint["colormap"]
+    failed = 0
+    for path in tqdm(images, desc="predicting", unit="image", dynamic_ncols=True):
+        try:
+            image = read_image(path, upright=True)
+        except UsageError as e:
+            tqdm.write(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        _, pred = next(predict_full_res(net, [image], device, batch_size=1, tta=args.tta))
+        pred = pred.cpu()
+        label_path, overlay_path = prediction_paths(path, save_dir)
+        save_label_png(pred, colormap, label_path)
+        overlay = overlay_with_legend(image, pred, colormap, class_names)
+        atomic_write(overlay_path, lambda tmp: overlay.save(tmp, format="JPEG", quality=90))
+    print(f"wrote {len(images) - failed} predictions (NAME.png, NAME_overlay.jpg) to {save_dir}")
+    if failed:
+        raise UsageError(f"{failed} of {len(images)} images could not be read (see above); the others were written")
