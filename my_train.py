@@ -31,7 +31,7 @@ DEFAULTS = {
     "workers": None,
     "out": "runs/my",
 }
-FINETUNE_EPOCHS = {"full": 10, "demo": 3}   # the seed's "then 10 more epochs at lr 1e-5"
+FINETUNE_EPOCHS = {"full": 10, "demo": 4}   # the seed's "then 10 more epochs at lr 1e-5"
 
 # Each row of the seed's study: what differs from the defaults above. "then" fine-tunes another preset's result.
 PRESETS = {

@@ -77,11 +77,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def try_all_gpus_or_cpu(name: str | None = None) -> torch.device:
@@ -1177,7 +1184,7 @@ def write_history(history: list[dict], path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 # With --demo, every default below that the user did not set shrinks to this, so a run takes minutes on a laptop CPU.
-DEMO_TRAIN_DEFAULTS = {"crop": [64, 64], "epochs": 8, "batch_size": 8, "pretrained": "none", "device": "cpu"}
+DEMO_TRAIN_DEFAULTS = {"crop": [64, 64], "epochs": 12, "batch_size": 8, "pretrained": "none", "device": "cpu"}
 
 
 def train_arg_parser(description: str) -> argparse.ArgumentParser:

@@ -1,0 +1,133 @@
+"""The improved model and the study: shared encoder weights, presets, fine-tuning, --study, the comparison figure."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from conftest import make_voc_tree, run_script
+import my_train
+import some_define as sd
+
+TINY = ["--pretrained", "none", "--device", "cpu", "--crop", "32", "32", "--batch-size", "2", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory) -> Path:
+    return make_voc_tree(tmp_path_factory.mktemp("voc"), [(48, 48)] * 6, [(48, 64)] * 3)
+
+
+def test_both_networks_load_the_same_resnet18_into_the_same_encoder_tensors(tmp_path):
+    torch.manual_seed(7)
+    weights = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(weights, path)
+    fcn, unet = sd.FCN(21, str(path)), sd.ResNetUNet(21, str(path))
+    # FCN = children 0..7 of ResNet-18; the U-Net's stages hold the same modules.
+    pairs = [(fcn[0], unet.layer0[0], "conv1"), (fcn[1], unet.layer0[1], "bn1"), (fcn[4], unet.layer1[1], "layer1"),
+             (fcn[5], unet.layer2, "layer2"), (fcn[6], unet.layer3, "layer3"), (fcn[7], unet.layer4, "layer4")]
+    for a, b, prefix in pairs:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and sa
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), (prefix, key)
+            assert torch.equal(sa[key], weights[f"{prefix}.{key}"]), (prefix, key)
+
+
+def preset(name: str, *flags: str) -> argparse.Namespace:
+    return my_train.preset_args(my_train.parse_args(list(flags)), name, Path("OUT"))
+
+
+@pytest.mark.parametrize("name, model, optimizer, lr, loss, void", [
+    ("fcn-sgd-1e-3", "fcn", "sgd", 1e-3, "sum", "background"),
+    ("unet-sgd-1e-3", "unet", "sgd", 1e-3, "sum", "background"),
+    ("unet-adam-1e-3", "unet", "adam", 1e-3, "mean", "ignore"),
+    ("unet-adam-1e-4", "unet", "adam", 1e-4, "mean", "ignore"),
+    ("unet-adam-1e-4-ft-1e-5", "unet", "adam", 1e-5, "mean", "ignore"),
+    ("unet-adam-1e-4-void-bg", "unet", "adam", 1e-4, "mean", "background"),
+])
+def test_each_preset_sets_its_network_optimizer_and_lr(name, model, optimizer, lr, loss, void):
+    args = preset(name)
+    assert (args.model, args.optimizer, args.lr, args.loss, args.void) == (model, optimizer, lr, loss, void)
+    assert args.out == str(Path("OUT") / name)
+    assert (args.batch_size, args.crop, args.wd) == (32, [320, 480], 1e-3)
+    if name.endswith("ft-1e-5"):   # 30 epochs of unet-adam-1e-4, then 10 more
+        assert args.finetune_from == str(Path("OUT") / "unet-adam-1e-4" / "last.pt") and args.epochs == 10
+        assert preset(name, "--demo").epochs == my_train.FINETUNE_EPOCHS["demo"]
+    else:
+        assert args.finetune_from is None and args.epochs == 30
+
+
+def test_user_flags_win_over_the_preset():
+    args = preset("unet-adam-1e-3", "--lr", "3e-4", "--epochs", "2")
+    assert (args.lr, args.epochs, args.optimizer) == (3e-4, 2, "adam")
+
+
+def test_finetune_starts_from_the_saved_weights_with_a_fresh_optimizer(voc, tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    result = run_script("my_train.py", "--voc-dir", str(voc), "--out", str(first), "--epochs", "1", *TINY)
+    assert result.returncode == 0, result.stderr
+    checkpoint = sd.load_checkpoint(first / "last.pt")
+
+    seen = []
+    real_step = sd.train_step
+
+    def recording_step(net, optimizer, images, labels, **kwargs):
+        if not seen:
+            seen.append((optimizer.param_groups[0]["lr"], len(optimizer.state), images.clone(), labels.clone()))
+        loss = real_step(net, optimizer, images, labels, **kwargs)
+        if len(seen) == 1:
+            seen.append(loss[0])
+        return loss
+    monkeypatch.setattr(sd, "train_step", recording_step)
+    args = sd.finish_train_args(my_train.parse_args(
+        ["--voc-dir", str(voc), "--out", str(tmp_path / "ft"), "--epochs", "1", "--lr", "1e-5",
+         "--finetune-from", str(first / "last.pt"), *TINY]), my_train.DEFAULTS)
+    history = sd.train(args)
+
+    lr, optimizer_state, images, labels = seen[0]
+    assert lr == 1e-5 and optimizer_state == 0          # the new lr, and no Adam moments carried over
+    net = sd.model_from_checkpoint(checkpoint).train()
+    with torch.no_grad():
+        expected = sd.segmentation_loss(net(sd.normalize_images(images)), sd.prepare_targets(labels, "ignore"),
+                                        "mean")
+    assert seen[1] == pytest.approx(float(expected), rel=1e-5)   # the first step ran on the checkpoint's weights
+    assert [h["epoch"] for h in history] == [1, 2] and history[0] == checkpoint["history"][0]
+
+
+def test_study_writes_its_table_and_skips_finished_presets(voc, tmp_path):
+    flags = ["my_train.py", "--study", "--voc-dir", str(voc), "--out", str(tmp_path / "runs"), "--epochs", "1",
+             "--pictures", str(tmp_path / "pics"), "--num", "2", *TINY]
+    result = run_script(*flags)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "pics" / "study.md").read_text()
+    for name in my_train.PRESETS:
+        assert f"| {name} |" in table
+        assert (tmp_path / "runs" / name / "eval.json").is_file()
+    assert "| 1+1 |" in table    # the fine-tuned preset continues unet-adam-1e-4's epoch
+    assert Image.open(tmp_path / "pics" / "study.png").size[1] > 0
+    again = run_script(*flags)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("done before, skipped") == len(my_train.PRESETS)
+    assert not [line for line in again.stdout.splitlines() if "=== preset" in line and "skipped" not in line]
+    assert (tmp_path / "pics" / "study.md").read_text() == table
+
+
+def test_compare_figure_renders(voc, tmp_path):
+    fcn_out, unet_out = tmp_path / "fcn", tmp_path / "unet"
+    for script, out in (("origin_train.py", fcn_out), ("my_train.py", unet_out)):
+        result = run_script(script, "--voc-dir", str(voc), "--out", str(out), "--epochs", "1", *TINY)
+        assert result.returncode == 0, result.stderr
+    result = run_script("my_predict.py", "--checkpoint", str(unet_out / "last.pt"), "--compare",
+                        str(fcn_out / "last.pt"), "--figure", str(tmp_path / "myout.png"), "--compare-figure",
+                        str(tmp_path / "compare.png"), "--num", "3")
+    assert result.returncode == 0, result.stderr
+    mine, compare = Image.open(tmp_path / "myout.png"), Image.open(tmp_path / "compare.png")
+    assert compare.size[1] > mine.size[1]   # one more row: the FCN's predictions
+    result = run_script("my_predict.py", "--checkpoint", str(unet_out / "last.pt"), "--compare",
+                        str(tmp_path / "absent.pt"), "--figure", str(tmp_path / "alone.png"))
+    assert result.returncode == 0 and "no comparison" in result.stdout
