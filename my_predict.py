@@ -6,27 +6,22 @@
 """
 from pathlib import Path
 
-from some_define import (evaluate_checkpoint, finish_predict_args, metrics_table, open_model, predict_arg_parser,
-                         predict_images, prediction_figure, read_checkpoint_split, run_main, save_figure,
-                         try_all_gpus_or_cpu, write_json)
+from some_define import (metrics_table, open_for_prediction, open_model, predict_arg_parser, predict_images,
+                         prediction_figure, read_checkpoint_split, run_main, save_figure, write_metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = predict_arg_parser(__doc__.splitlines()[0], "runs/my/last.pt", "pictures/myout.png")
     p.add_argument("--compare", default="runs/origin/last.pt", help="the FCN checkpoint to compare with")
     p.add_argument("--compare-figure", default="pictures/compare.png")
-    args = p.parse_args(argv)
-    device = try_all_gpus_or_cpu(args.device)
-    net, checkpoint = open_model(args.checkpoint, device)
-    args = finish_predict_args(args, checkpoint)
+    device, net, checkpoint, args = open_for_prediction(p.parse_args(argv))
     if args.images:
-        predict_images(net, checkpoint, args, device)
-        return
-    models = [(f"{checkpoint['model'].upper()}", net, checkpoint, Path(args.checkpoint))]
+        return predict_images(net, checkpoint, args, device)
+    models = [(checkpoint["model"].upper(), net, checkpoint, Path(args.checkpoint))]
     if Path(args.compare).is_file():
         fcn, fcn_checkpoint = open_model(args.compare, device)
         if fcn_checkpoint["class_names"] == checkpoint["class_names"]:
-            models.insert(0, (f"{fcn_checkpoint['model'].upper()}", fcn, fcn_checkpoint, Path(args.compare)))
+            models.insert(0, (fcn_checkpoint["model"].upper(), fcn, fcn_checkpoint, Path(args.compare)))
         else:
             print(f"note: {args.compare} predicts other classes, so no comparison (pass --compare PATH)")
     else:
@@ -35,10 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval:
         columns = {}
         for label, model, model_checkpoint, path in models:
-            metrics = evaluate_checkpoint(model, model_checkpoint, images, labels, device, args.batch_size)
-            out = args.metrics if args.metrics and model is net else path.with_name(f"metrics_{args.split}.json")
-            write_json(metrics, out)
-            print(f"{label}: wrote {out}")
+            out = args.metrics if model is net else None   # --metrics names the main model's file
+            metrics = write_metrics(model, model_checkpoint, path, images, labels, device, args, out)
             columns[f"{label} ({path.parent.name})"] = metrics
         print(metrics_table(columns, checkpoint["class_names"]))
         print(f"{len(images)} images of the {args.split} split")

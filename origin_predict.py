@@ -4,28 +4,20 @@
     python origin_predict.py --eval        # full-resolution metrics over the whole val split, as JSON and a table
     python origin_predict.py --images photos/ --save-dir predictions   # NAME.png (class indices), NAME_overlay.jpg
 """
-from pathlib import Path
-
-from some_define import (evaluate_checkpoint, finish_predict_args, metrics_table, open_model, predict_arg_parser,
-                         predict_images, prediction_figure, read_checkpoint_split, run_main, save_figure,
-                         try_all_gpus_or_cpu, write_json)
+from some_define import (metrics_table, open_for_prediction, predict_arg_parser, predict_images, prediction_figure,
+                         read_checkpoint_split, run_main, save_figure, write_metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = predict_arg_parser(__doc__.splitlines()[0], "runs/origin/last.pt", "pictures/origin_out.png").parse_args(argv)
-    device = try_all_gpus_or_cpu(args.device)
-    net, checkpoint = open_model(args.checkpoint, device)
-    args = finish_predict_args(args, checkpoint)
+    device, net, checkpoint, args = open_for_prediction(args)
     if args.images:
-        predict_images(net, checkpoint, args, device)
-        return
+        return predict_images(net, checkpoint, args, device)
     images, labels, names = read_checkpoint_split(args, checkpoint)
     if args.eval:
-        metrics = evaluate_checkpoint(net, checkpoint, images, labels, device, args.batch_size)
-        path = args.metrics or Path(args.checkpoint).with_name(f"metrics_{args.split}.json")
-        write_json(metrics, path)
+        metrics = write_metrics(net, checkpoint, args.checkpoint, images, labels, device, args, args.metrics)
         print(metrics_table({checkpoint["model"]: metrics}, checkpoint["class_names"]))
-        print(f"{metrics['num_images']} images; wrote {path}")
+        print(f"{metrics['num_images']} images of the {args.split} split")
         return
     n = args.num
     fig = prediction_figure([(checkpoint["model"].upper(), net)], images[:n], labels[:n], names[:n],

@@ -1641,6 +1641,13 @@ def open_model(path: str | os.PathLike, device: torch.device) -> tuple[nn.Module
     return model_from_checkpoint(checkpoint, path).to(device).eval(), checkpoint
 
 
+def open_for_prediction(args: argparse.Namespace) -> tuple[torch.device, nn.Module, dict, argparse.Namespace]:
+    """The predict scripts' start: device, model, checkpoint, and the flags completed from the checkpoint."""
+    device = try_all_gpus_or_cpu(args.device)
+    net, checkpoint = open_model(args.checkpoint, device)
+    return device, net, checkpoint, finish_predict_args(args, checkpoint)
+
+
 def checkpoint_dataset_dir(args: argparse.Namespace, checkpoint: dict) -> Path:
     """--voc-dir/--demo when given, else the data the checkpoint was trained on."""
     if args.voc_dir or args.demo:
@@ -1674,6 +1681,17 @@ def evaluate_checkpoint(net: nn.Module, checkpoint: dict, images: Sequence[torch
     confusion_matrix."""
     metrics = evaluate(net, images, labels, checkpoint["num_classes"], device, batch_size)
     return {"num_images": len(images), **metrics.compute(checkpoint["class_names"])}
+
+
+def write_metrics(net: nn.Module, checkpoint: dict, checkpoint_path: str | os.PathLike,
+                  images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], device: torch.device,
+                  args: argparse.Namespace, path: str | os.PathLike | None = None) -> dict:
+    """Evaluate, and write the metrics JSON to ``path`` (default: metrics_SPLIT.json next to the checkpoint)."""
+    metrics = evaluate_checkpoint(net, checkpoint, images, labels, device, args.batch_size)
+    path = path or Path(checkpoint_path).with_name(f"metrics_{args.split}.json")
+    write_json(metrics, path)
+    print(f"{checkpoint['model'].upper()} ({checkpoint_path}): wrote {path}")
+    return metrics
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
