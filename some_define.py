@@ -12,8 +12,10 @@ Sections, in reading order:
  8. Training and evaluation loops
  9. Checkpoints
 10. Figures
-11. Command-line pieces shared by the scripts
-12. Your own images: full-resolution prediction to palette PNGs and overlays
+11. Command-line flags of the training scripts
+12. The training run: processes, speed flags, resume, the epoch loop
+13. Prediction and evaluation for the scripts
+14. Your own images: full-resolution prediction to palette PNGs and overlays
 """
 from __future__ import annotations
 
@@ -1180,7 +1182,7 @@ def write_history(history: list[dict], path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 11. Command-line pieces shared by the scripts
+# 11. Command-line flags of the training scripts
 # ---------------------------------------------------------------------------------------------------------------------
 
 # With --demo, every default below that the user did not set shrinks to this, so a run takes minutes on a laptop CPU.
@@ -1317,6 +1319,11 @@ def epoch_line(row: dict, epochs: int, device: torch.device, flops_per_image: fl
     if device.type == "cuda":
         line += f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     return line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 12. The training run: processes, speed flags, resume, the epoch loop
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class TrainingStopped(UsageError):
@@ -1575,6 +1582,11 @@ def check_checkpoint_matches(checkpoint: dict, model: str, class_names: Sequence
                          f"but this run asks for a {model} with {len(class_names)} classes")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# 13. Prediction and evaluation for the scripts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--checkpoint", default=checkpoint)
@@ -1720,7 +1732,7 @@ def prediction_figure(models: Sequence[tuple[str, nn.Module]], images: Sequence[
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 12. Your own images: full-resolution prediction to palette PNGs and overlays
+# 14. Your own images: full-resolution prediction to palette PNGs and overlays
 # ---------------------------------------------------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
