@@ -6,8 +6,9 @@
 """
 from pathlib import Path
 
-from some_define import (metrics_table, open_for_prediction, open_model, predict_arg_parser, predict_images,
-                         prediction_figure, read_checkpoint_split, run_main, save_figure, write_metrics)
+from some_define import (inference_flags, metrics_table, open_for_prediction, open_model, predict_arg_parser,
+                         predict_images, prediction_figure, read_checkpoint_split, run_main, save_figure,
+                         write_metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     n = args.num
     draw = lambda chosen: prediction_figure([(label, model) for label, model, *_ in chosen], images[:n], labels[:n],
                                             names[:n], checkpoint["colormap"], checkpoint["class_names"], device,
-                                            args.batch_size)
+                                            args.batch_size, **inference_flags(args.amp, device))
     save_figure(draw(models[-1:]), args.figure)
     print(f"wrote {args.figure}")
     if len(models) == 2:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from some_define import (UsageError, atomic_write, dataset_classes, evaluate_checkpoint, finish_train_args,
-                         load_checkpoint, model_from_checkpoint, prediction_figure, read_json, read_split, run_main,
+                         inference_flags, load_checkpoint, model_from_checkpoint, prediction_figure, read_json, read_split, run_main,
                          save_figure, train, train_arg_parser, training_dataset_dir, try_all_gpus_or_cpu, write_json)
 
 DEFAULTS = {
@@ -85,6 +85,7 @@ def run_study(args: argparse.Namespace) -> None:
     """Train and evaluate every preset; a preset whose eval.json exists is done and skipped on a rerun."""
     out = Path(args.out or "runs/study")
     device = try_all_gpus_or_cpu(args.device or ("cpu" if args.demo else None))
+    flags = inference_flags(args.amp, device)
     voc_dir = training_dataset_dir(args)
     _, colormap = dataset_classes(args)
     val_images, val_labels, val_names = read_split(voc_dir, args.val_split, colormap, args.ignore_index)
@@ -98,7 +99,7 @@ def run_study(args: argparse.Namespace) -> None:
             checkpoint_path = train_preset(args, name, out)
             checkpoint = load_checkpoint(checkpoint_path)
             net = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
-            metrics = evaluate_checkpoint(net, checkpoint, val_images, val_labels, device, 8)
+            metrics = evaluate_checkpoint(net, checkpoint, val_images, val_labels, device, 8, **flags)
             history = checkpoint["history"]
             write_json({"preset": name, "config": checkpoint["config"], "history": history,
                         "wall_seconds": time.perf_counter() - started, **metrics}, result_path)
@@ -109,7 +110,7 @@ def run_study(args: argparse.Namespace) -> None:
     write_study_table(rows, Path(args.pictures) / "study.md", args)
     n = args.num
     fig = prediction_figure(models, val_images[:n], val_labels[:n], val_names[:n], checkpoint["colormap"],
-                            checkpoint["class_names"], device)
+                            checkpoint["class_names"], device, **flags)
     save_figure(fig, Path(args.pictures) / "study.png")
     print(f"wrote {Path(args.pictures) / 'study.md'} and {Path(args.pictures) / 'study.png'}")
 

@@ -4,8 +4,8 @@
     python origin_predict.py --eval        # full-resolution metrics over the whole val split, as JSON and a table
     python origin_predict.py --images photos/ --save-dir predictions   # NAME.png (class indices), NAME_overlay.jpg
 """
-from some_define import (metrics_table, open_for_prediction, predict_arg_parser, predict_images, prediction_figure,
-                         read_checkpoint_split, run_main, save_figure, write_metrics)
+from some_define import (inference_flags, metrics_table, open_for_prediction, predict_arg_parser, predict_images,
+                         prediction_figure, read_checkpoint_split, run_main, save_figure, write_metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     n = args.num
     fig = prediction_figure([(checkpoint["model"].upper(), net)], images[:n], labels[:n], names[:n],
-                            checkpoint["colormap"], checkpoint["class_names"], device, args.batch_size)
+                            checkpoint["colormap"], checkpoint["class_names"], device, args.batch_size,
+                            **inference_flags(args.amp, device))
     save_figure(fig, args.figure)
     print(f"wrote {args.figure}")
 

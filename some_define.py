@@ -68,6 +68,13 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
         sys.exit(2)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (the full usage stays behind --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file behind."""
     path = Path(path)
@@ -789,8 +796,8 @@ def prepare_targets(labels: torch.Tensor, void: str) -> torch.Tensor:
     return labels
 
 
-def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str, num_valid: int | None = None
-                      ) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str,
+                      num_valid: int | torch.Tensor | None = None) -> torch.Tensor:
     """'sum' is the book's loss: each image's mean pixel cross-entropy, summed over the batch (its
     ``l.sum().backward()``), so SGD's lr 1e-3 at batch 32 acts like 0.032 on a mean loss.
     'mean' is the usual mean over all labelled pixels of the batch; ``num_valid`` (the labelled pixels of the whole
@@ -800,9 +807,8 @@ def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: st
     if reduction == "sum":
         per_image = pixel_loss.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
         return per_image.sum()
-    if num_valid is None:
-        num_valid = int(valid.sum())
-    return pixel_loss.sum() / max(num_valid, 1)
+    num_valid = valid.sum() if num_valid is None else num_valid
+    return pixel_loss.sum() / torch.as_tensor(num_valid).clamp(min=1)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -877,6 +883,13 @@ def train_flops_per_image(net: nn.Module, crop_hw: tuple[int, int], device: torc
     return float(counter.get_total_flops())
 
 
+def inference_flags(amp: str, device: torch.device) -> dict:
+    """amp and memory format for prediction: as training picks them by default (bf16 and channels_last on CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # few distinct padded sizes: tuning each once pays
+    return {"amp_dtype": resolve_amp(amp, device), "channels_last": device.type == "cuda"}
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """'auto' = bf16 on CUDA GPUs that support it, off elsewhere (slower than fp32 on the CPUs we measured)."""
     if amp == "auto":
@@ -905,13 +918,13 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
     targets_all = prepare_targets(labels.to(device, non_blocking=True), void)
     num_valid = None
     if reduction == "mean":   # the denominator of the whole batch, over every micro-batch and process
-        count = (targets_all != VOID).sum()
+        num_valid = (targets_all != VOID).sum()
         if world_size > 1:
             import torch.distributed as dist
-            dist.all_reduce(count)
-        num_valid = int(count)
+            dist.all_reduce(num_valid)
     optimizer.zero_grad(set_to_none=True)
-    loss_total, correct, counted = 0.0, 0, 0
+    # Loss, correct and labelled pixels stay on the device until the end of the step: one host sync per step.
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
     chunks = list(zip(images.chunk(accum_steps), targets_all.chunk(accum_steps)))
     for k, (images_mb, targets) in enumerate(chunks):
         # Under DDP, synchronise gradients only once, on the last micro-batch.
@@ -921,16 +934,15 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
                 logits = net(to_device_batch(images_mb, device, channels_last))
             loss = segmentation_loss(logits, targets, reduction, num_valid) * world_size
             (scaler.scale(loss) if scaler else loss).backward()
-        loss_total += loss.detach()
         valid = targets != VOID
-        correct += (logits.argmax(1)[valid] == targets[valid]).sum()
-        counted += valid.sum()
+        totals += torch.stack([loss.detach(), ((logits.argmax(1) == targets) & valid).sum(), valid.sum()])
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    share = float(loss_total) / world_size
+    loss_total, correct, counted = totals.tolist()
+    share = loss_total / world_size
     if reduction == "sum":   # per image, as the book's log divides by the number of examples
         share /= len(images) * world_size
     return share, int(correct), int(counted)
@@ -944,6 +956,8 @@ def predict_full_res(net: nn.Module, images: Sequence[torch.Tensor], device: tor
     multiple-of-32 size are batched together, so each prediction equals the one of that image alone.
     ``tta`` averages the logits with those of the horizontally mirrored batch (mirrored back)."""
     net.eval()
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
         h, w = image.shape[1:]
@@ -1192,7 +1206,7 @@ DEMO_TRAIN_DEFAULTS = {"crop": [64, 64], "epochs": 12, "batch_size": 8, "pretrai
 def train_arg_parser(description: str) -> argparse.ArgumentParser:
     """The flags of both training scripts. Defaults are None here and filled in by finish_train_args, so that
     --demo can shrink only what the user left unset."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     data = p.add_argument_group("data")
     data.add_argument("--voc-dir", help="VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012")
     data.add_argument("--demo", action="store_true", help="use the built-in synthetic VOC-layout data (CPU, minutes)")
@@ -1370,6 +1384,8 @@ def resolve_speed_flags(args: argparse.Namespace, device: torch.device, nbytes: 
     """Turn the auto flags into choices for this device. channels_last pays on CUDA; on the CPUs we measured its
     slower backward outweighs the faster forward, so auto keeps it off there."""
     auto = lambda flag, default: default if flag == "auto" else flag == "on"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # fixed crop sizes: let cuDNN pick its fastest kernels once
     return {"amp_dtype": resolve_amp(args.amp, device),
             "channels_last": auto(args.channels_last, device.type == "cuda"),
             "data_on_device": auto(args.data_on_device, data_fits_on_device(nbytes, device))}
@@ -1588,7 +1604,7 @@ def check_checkpoint_matches(checkpoint: dict, model: str, class_names: Sequence
 
 
 def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument("--checkpoint", default=checkpoint)
     p.add_argument("--voc-dir", help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--demo", action="store_true", help="use the built-in synthetic data")
@@ -1602,6 +1618,8 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     p.add_argument("--metrics", help="JSON file for --eval (default: next to the checkpoint)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision (auto: bf16 on CUDA GPUs that have it, as in training; off elsewhere)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     own = p.add_argument_group("your own images")
     own.add_argument("--images", nargs="+", metavar="PATH", help="predict these image files, folders or globs "
@@ -1688,10 +1706,10 @@ def metrics_table(columns: dict[str, dict], class_names: Sequence[str]) -> str:
 
 
 def evaluate_checkpoint(net: nn.Module, checkpoint: dict, images: Sequence[torch.Tensor],
-                        labels: Sequence[torch.Tensor], device: torch.device, batch_size: int) -> dict:
+                        labels: Sequence[torch.Tensor], device: torch.device, batch_size: int, **flags) -> dict:
     """The metrics JSON of ``--eval``: num_images, pixel_acc, mean_class_acc, miou, per_class_iou, d2l_pixel_acc,
     confusion_matrix."""
-    metrics = evaluate(net, images, labels, checkpoint["num_classes"], device, batch_size)
+    metrics = evaluate(net, images, labels, checkpoint["num_classes"], device, batch_size, **flags)
     return {"num_images": len(images), **metrics.compute(checkpoint["class_names"])}
 
 
@@ -1699,7 +1717,8 @@ def write_metrics(net: nn.Module, checkpoint: dict, checkpoint_path: str | os.Pa
                   images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], device: torch.device,
                   args: argparse.Namespace, path: str | os.PathLike | None = None) -> dict:
     """Evaluate, and write the metrics JSON to ``path`` (default: metrics_SPLIT.json next to the checkpoint)."""
-    metrics = evaluate_checkpoint(net, checkpoint, images, labels, device, args.batch_size)
+    metrics = evaluate_checkpoint(net, checkpoint, images, labels, device, args.batch_size,
+                                  **inference_flags(args.amp, device))
     path = path or Path(checkpoint_path).with_name(f"metrics_{args.split}.json")
     write_json(metrics, path)
     print(f"{checkpoint['model'].upper()} ({checkpoint_path}): wrote {path}")
@@ -1719,12 +1738,12 @@ def read_json(path: str | os.PathLike) -> dict:
 
 def prediction_figure(models: Sequence[tuple[str, nn.Module]], images: Sequence[torch.Tensor],
                       labels: Sequence[torch.Tensor], names: Sequence[str], colormap: Sequence[Sequence[int]],
-                      class_names: Sequence[str], device: torch.device, batch_size: int = 8):
+                      class_names: Sequence[str], device: torch.device, batch_size: int = 8, **flags):
     """Rows: image, ground truth, then one row per model, each panel titled with that image's mIoU."""
     rows = [[x.permute(1, 2, 0) for x in images], [label2image(y, colormap) for y in labels]]
     titles = [list(names), []]
     for _, net in models:
-        preds = dict(predict_full_res(net, images, device, batch_size))
+        preds = dict(predict_full_res(net, images, device, batch_size, **flags))
         rows.append([label2image(preds[i], colormap) for i in range(len(images))])
         titles.append([f"mIoU {image_miou(preds[i], labels[i], len(class_names), class_names):.2f}"
                        for i in range(len(images))])
@@ -1798,7 +1817,8 @@ def predict_images(net: nn.Module, checkpoint: dict, args: argparse.Namespace, d
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        _, pred = next(predict_full_res(net, [image], device, batch_size=1, tta=args.tta))
+        _, pred = next(predict_full_res(net, [image], device, batch_size=1, tta=args.tta,
+                                        **inference_flags(args.amp, device)))
         pred = pred.cpu()
         label_path, overlay_path = prediction_paths(path, save_dir)
         save_label_png(pred, colormap, label_path)
