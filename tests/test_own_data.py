@@ -276,7 +276,8 @@ def test_images_give_palette_pngs_of_the_input_size_and_overlays(trained, tmp_pa
             assert png.getpalette()[:9] == sum(COLOURS, [])
             indices = torch.from_numpy(np.array(png))
         image = sd.read_image(tmp_path / "in" / f"{name}{'.jpg' if name in ('odd', 'cmyk') else '.png'}")
-        _, expected = next(sd.predict_full_res(net, [image], torch.device("cpu")))
+        cpu = torch.device("cpu")   # the script's defaults: bf16 where this CPU has AMX
+        _, expected = next(sd.predict_full_res(net, [image], cpu, **sd.inference_flags("auto", cpu)))
         assert torch.equal(indices, expected.to(torch.uint8))   # the model's own full-resolution prediction
         assert int(indices.max()) < 3
         with Image.open(out / f"{name}_overlay.jpg") as overlay:

@@ -1,0 +1,210 @@
+"""The speed paths change nothing but speed: gradient accumulation, channels_last, autocast and the on-device data
+path give what the plain path gives (CPU, tiny inputs), and the speed flags reject bad values with one clear line.
+
+The speed itself is measured by benchmarks/bench.py, not here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import some_define as sd
+from conftest import TINY_TRAIN_SIZES, make_voc_tree, run_script
+
+CPU = torch.device("cpu")
+NUM_CLASSES = 5
+
+
+def random_batch(n: int, hw: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, *hw), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (n, *hw), dtype=torch.uint8, generator=g)
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient accumulation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def grads_after_step(images, labels, reduction: str, accum_steps: int) -> tuple[list[torch.Tensor], float, int, int]:
+    torch.manual_seed(0)
+    # Eval mode: BatchNorm normalises with its running statistics, so each image's output does not depend on the other
+    # images of its (micro-)batch, and accumulating micro-batches must give exactly the full batch's gradients. (In
+    # train mode the batch statistics differ per micro-batch: accumulation then is a different, not a wrong, step.)
+    net = sd.FCN(num_classes=NUM_CLASSES, pretrained="none").eval()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)      # lr 0: the step leaves the weights alone
+    loss, correct, counted = sd.train_step(net, optimizer, images, labels, device=CPU, void="ignore",
+                                           reduction=reduction, accum_steps=accum_steps)
+    return [p.grad.clone() for p in net.parameters()], loss, correct, counted
+
+
+def assert_same_grads(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-4) -> None:
+    for ga, gb in zip(a, b):
+        scale = max(float(ga.abs().max()), 1e-12)
+        assert float((ga - gb).abs().max()) <= rtol * scale, f"max diff {float((ga - gb).abs().max())}, scale {scale}"
+
+
+def uneven_void_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """8 images whose labelled pixels are spread very unevenly over the 4 micro-batches of 2."""
+    images, labels = random_batch(8, (32, 32), seed=1)
+    labels[0:2, :28] = sd.VOID          # micro-batch 0: only 4 of 32 rows labelled
+    labels[2, :, :16] = sd.VOID         # micro-batch 1: one image half void
+    labels[7, :31, :31] = sd.VOID       # micro-batch 3: one image almost all void
+    return images, labels
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_accumulated_gradients_equal_the_full_batch(reduction):
+    images, labels = uneven_void_batch()
+    full, loss1, correct1, counted1 = grads_after_step(images, labels, reduction, accum_steps=1)
+    accum, loss4, correct4, counted4 = grads_after_step(images, labels, reduction, accum_steps=4)
+    assert any(float(g.abs().max()) > 0 for g in full)
+    assert_same_grads(full, accum)
+    assert loss4 == pytest.approx(loss1, rel=1e-5)
+    assert (correct4, counted4) == (correct1, counted1)
+
+
+def test_a_naive_per_micro_batch_mean_would_differ():
+    """The test above has teeth: averaging each micro-batch's own mean loss gives other gradients on this batch."""
+    images, labels = uneven_void_batch()
+    full, *_ = grads_after_step(images, labels, "mean", accum_steps=1)
+    torch.manual_seed(0)
+    net = sd.FCN(num_classes=NUM_CLASSES, pretrained="none").eval()
+    targets = sd.prepare_targets(labels, "ignore")
+    for x, y in zip(images.chunk(4), targets.chunk(4)):
+        (sd.segmentation_loss(net(sd.normalize_images(x)), y, "mean") / 4).backward()
+    naive = [p.grad for p in net.parameters()]
+    with pytest.raises(AssertionError):
+        assert_same_grads(full, naive, rtol=1e-3)
+
+
+def test_accumulation_with_a_batch_that_does_not_split_evenly():
+    """torch.chunk gives micro-batches of 3, 3, 1 for 7 images: the sum still equals the full batch."""
+    images, labels = random_batch(7, (32, 32), seed=2)
+    labels[6] = sd.VOID
+    for reduction in ("sum", "mean"):
+        full, loss1, *_ = grads_after_step(images, labels, reduction, accum_steps=1)
+        accum, loss3, *_ = grads_after_step(images, labels, reduction, accum_steps=3)
+        assert_same_grads(full, accum)
+        assert loss3 == pytest.approx(loss1, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# channels_last and autocast give the plain path's outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["fcn", "unet"])
+def model_and_input(request):
+    torch.manual_seed(0)
+    net = sd.build_model(request.param, NUM_CLASSES, "none").eval()
+    images, _ = random_batch(2, (64, 96), seed=3)
+    return request.param, net, images
+
+
+def logits_of(net, images, channels_last: bool = False, amp_dtype=None) -> torch.Tensor:
+    import copy
+    net = copy.deepcopy(net)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    with torch.inference_mode(), sd.autocast(CPU, amp_dtype):
+        return net(sd.to_device_batch(images, CPU, channels_last)).float()
+
+
+def test_channels_last_gives_the_same_logits(model_and_input):
+    name, net, images = model_and_input
+    plain = logits_of(net, images)
+    nhwc = logits_of(net, images, channels_last=True)
+    assert nhwc.shape == plain.shape == (2, NUM_CLASSES, 64, 96)
+    scale = float(plain.abs().max())
+    assert float((nhwc - plain).abs().max()) <= 1e-4 * scale
+    preds = dict(sd.predict_full_res(net, list(images), CPU, batch_size=2))
+    preds_nhwc = dict(sd.predict_full_res(net.to(memory_format=torch.channels_last), list(images), CPU,
+                                          batch_size=2, channels_last=True))
+    net.to(memory_format=torch.contiguous_format)
+    agree = sum(int((preds[i] == preds_nhwc[i]).sum()) for i in preds) / sum(p.numel() for p in preds.values())
+    assert agree >= 0.999
+
+
+def test_bf16_autocast_gives_the_same_logits_within_bf16_tolerance(model_and_input):
+    name, net, images = model_and_input
+    plain = logits_of(net, images)
+    for channels_last in (False, True):
+        amp = logits_of(net, images, channels_last=channels_last, amp_dtype=torch.bfloat16)
+        # bf16 keeps 8 bits of mantissa (relative error 2^-9 per rounding); through ~20 layers the logits drift by
+        # about a percent of their range, far from what a real bug (wrong layout, wrong scaling) would do.
+        rel = float((amp - plain).norm() / plain.norm())
+        assert rel < 0.05, f"{name}, channels_last {channels_last}: relative error {rel:.3f}"
+        agree = float((amp.argmax(1) == plain.argmax(1)).float().mean())
+        assert agree >= 0.9, f"{name}, channels_last {channels_last}: {agree:.1%} of the predictions agree"
+
+
+def test_amp_training_step_matches_the_plain_step():
+    """One train_step under bf16 autocast and channels_last: the same loss as the plain step, within bf16 tolerance."""
+    images, labels = random_batch(2, (32, 32), seed=4)
+    losses = {}
+    for amp_dtype, channels_last in ((None, False), (torch.bfloat16, False), (None, True), (torch.bfloat16, True)):
+        torch.manual_seed(0)
+        net = sd.FCN(num_classes=NUM_CLASSES, pretrained="none").eval()
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+        losses[amp_dtype, channels_last], _, _ = sd.train_step(
+            net, optimizer, images, labels, device=CPU, void="ignore", reduction="mean", amp_dtype=amp_dtype,
+            channels_last=channels_last)
+    plain = losses[None, False]
+    assert losses[None, True] == pytest.approx(plain, rel=1e-4)
+    assert losses[torch.bfloat16, False] == pytest.approx(plain, rel=0.02)
+    assert losses[torch.bfloat16, True] == pytest.approx(plain, rel=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The on-device data path cuts the DataLoader's crops
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_on_device_path_yields_the_dataloader_crops(tmp_path):
+    """crop_batches_on_device (run here on CPU tensors, as a GPU run would on device tensors) gives exactly the crops
+    of the DataLoader path, with and without worker processes, for a fixed seed and every epoch."""
+    voc_dir = make_voc_tree(tmp_path / "data", TINY_TRAIN_SIZES, [(32, 32)])
+    dataset = sd.VOCSegDataset(*sd.read_voc_images(voc_dir, "train"), crop_size=(32, 32))
+    # What train() builds for the on-device path: its own copies of the split (on the GPU there).
+    device_set = sd.VOCSegDataset([x.clone() for x in dataset.images], [y.clone() for y in dataset.labels],
+                                  dataset.names, (32, 32))
+
+    def epochs(make_batches, n: int = 2):
+        sampler = sd.RandomCropBatchSampler(dataset, batch_size=2, seed=7)
+        out = []
+        for epoch in range(1, n + 1):
+            sampler.set_epoch(epoch)
+            out.append([(x.clone(), y.clone()) for x, y in make_batches(sampler)])
+        return out
+
+    def loader(workers: int):
+        return lambda sampler: torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=sd.collate_crops,
+                                                           num_workers=workers)
+    on_device = epochs(lambda sampler: sd.crop_batches_on_device(device_set, sampler))
+    for workers in (0, 2):
+        via_loader = epochs(loader(workers))
+        assert len(via_loader) == len(on_device) == 2
+        for epoch_loader, epoch_device in zip(via_loader, on_device):
+            assert len(epoch_loader) == len(epoch_device) == len(TINY_TRAIN_SIZES) // 2
+            for (x, y), (xd, yd) in zip(epoch_loader, epoch_device):
+                assert x.dtype == xd.dtype == torch.uint8 and x.shape == xd.shape == (2, 3, 32, 32)
+                assert torch.equal(x, xd) and torch.equal(y, yd)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(on_device[0], on_device[1])), "epochs should differ"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad speed flags: one line, exit 2
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,mentions", [(["--accum-steps", "0"], "--accum-steps"),
+                                            (["--amp", "xyz"], "--amp"),
+                                            (["--batch-size", "0"], "--batch-size"),
+                                            (["--channels-last", "maybe"], "--channels-last")])
+def test_bad_speed_flags_are_one_line_errors(tmp_path, flags, mentions):
+    result = run_script("origin_train.py", "--demo", *flags, "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2, f"exit {result.returncode}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"{len(lines)} stderr lines:\n{result.stderr[:2000]}"
+    assert lines[0].startswith("error: ") and mentions in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
