@@ -1504,12 +1504,14 @@ def train(args: argparse.Namespace) -> list[dict]:
     speed = resolve_speed_flags(args, device, train_set.nbytes())
 
     # Weights: fresh, fine-tuned from another run (fresh optimizer), or resumed (everything restored).
-    net = build_model(args.model, len(class_names), args.pretrained)
-    history: list[dict] = []
     resume = resume_checkpoint_path(args)
-    state = load_checkpoint(resume or args.finetune_from) if (resume or args.finetune_from) else None
+    start_from = resume or args.finetune_from
+    state = load_checkpoint(start_from) if start_from else None
+    # Weights that a checkpoint replaces need no ImageNet download (resuming offline must work).
+    net = build_model(args.model, len(class_names), "none" if start_from else args.pretrained)
+    history: list[dict] = []
     if state is not None:
-        check_checkpoint_matches(state, args.model, class_names, resume or args.finetune_from)
+        check_checkpoint_matches(state, args.model, class_names, start_from)
         net.load_state_dict(state["state_dict"])
         history = list(state.get("history", []))
     flops = train_flops_per_image(net.to(device), tuple(args.crop), device) if device.type == "cuda" else None
