@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from some_define import (UsageError, atomic_write, dataset_classes, evaluate_checkpoint, finish_train_args,
-                         inference_flags, load_checkpoint, model_from_checkpoint, prediction_figure, read_json, read_split, run_main,
+                         inference_flags, open_model, prediction_figure, read_json, read_split, run_main,
                          save_figure, train, train_arg_parser, training_dataset_dir, try_all_gpus_or_cpu, write_json)
 
 DEFAULTS = {
@@ -70,15 +70,14 @@ def preset_args(args: argparse.Namespace, name: str, out: Path) -> argparse.Name
     return finish_train_args(run, dict(DEFAULTS, **preset))
 
 
-def train_preset(args: argparse.Namespace, name: str, out: Path) -> Path:
-    """Train a preset (and the preset it fine-tunes, if that has not been trained yet); return its checkpoint."""
+def train_preset(args: argparse.Namespace, name: str, out: Path) -> None:
+    """Train a preset into OUT/NAME (first the preset it fine-tunes, if that has not been trained yet)."""
     then = PRESETS[name].get("then")
     if then and not (out / then / "last.pt").is_file():
         train_preset(args, then, out)
     run = preset_args(args, name, out)
     print(f"=== preset {name}")
     train(run)
-    return Path(run.out) / "last.pt"
 
 
 def run_study(args: argparse.Namespace) -> None:
@@ -92,21 +91,19 @@ def run_study(args: argparse.Namespace) -> None:
     rows, models = [], []
     for name in PRESETS:
         result_path = out / name / "eval.json"
-        if result_path.is_file():
+        done = result_path.is_file()
+        started = time.perf_counter()
+        if done:
             print(f"=== preset {name}: done before, skipped ({result_path})")
         else:
-            started = time.perf_counter()
-            checkpoint_path = train_preset(args, name, out)
-            checkpoint = load_checkpoint(checkpoint_path)
-            net = model_from_checkpoint(checkpoint, checkpoint_path).to(device)
+            train_preset(args, name, out)
+        net, checkpoint = open_model(out / name / "last.pt", device)
+        if not done:
             metrics = evaluate_checkpoint(net, checkpoint, val_images, val_labels, device, 8, **flags)
-            history = checkpoint["history"]
-            write_json({"preset": name, "config": checkpoint["config"], "history": history,
+            write_json({"preset": name, "config": checkpoint["config"], "history": checkpoint["history"],
                         "wall_seconds": time.perf_counter() - started, **metrics}, result_path)
-        result = read_json(result_path)
-        rows.append(result)
-        checkpoint = load_checkpoint(out / name / "last.pt")
-        models.append((name, model_from_checkpoint(checkpoint).to(device)))
+        rows.append(read_json(result_path))
+        models.append((name, net))
     write_study_table(rows, Path(args.pictures) / "study.md", args)
     n = args.num
     fig = prediction_figure(models, val_images[:n], val_labels[:n], val_names[:n], checkpoint["colormap"],
