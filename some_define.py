@@ -1570,7 +1570,7 @@ def train(args: argparse.Namespace) -> list[dict]:
                                         reduction=args.loss, accum_steps=args.accum_steps,
                                         amp_dtype=speed["amp_dtype"], scaler=scaler,
                                         channels_last=speed["channels_last"], world_size=ctx.world_size)
-                loss = ctx.all_sum(loss)[0] / ctx.world_size
+                loss = ctx.all_sum(loss)[0]   # the shares add up to the batch's loss, the same on every process
                 if not math.isfinite(loss):
                     raise TrainingStopped(
                         f"the loss became {loss} at epoch {epoch}, step {step}; {out / 'last.pt'} keeps the last good "

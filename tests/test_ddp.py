@@ -103,15 +103,22 @@ def test_two_ranks_take_the_single_process_step(reduction, tmp_path):
 def test_torchrun_trains_and_writes_one_set_of_files(tmp_path):
     voc = make_voc_tree(tmp_path / "d", [(48, 48)] * 8, [(48, 64)] * 3)
     out = tmp_path / "out"
+    flags = ["my_train.py", "--voc-dir", str(voc), "--epochs", "2", "--batch-size", "4", "--crop", "32", "32",
+             "--pretrained", "none", "--device", "cpu", "--workers", "0", "--amp", "off"]
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                        "my_train.py", "--voc-dir", str(voc), "--out", str(out), "--epochs", "2", "--batch-size", "4",
-                        "--crop", "32", "32", "--pretrained", "none", "--device", "cpu", "--workers", "0")
+                        *flags, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
+    single = run_script(*flags, "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr[-3000:]
     assert result.stdout.count("epoch 1/2:") == 1 and result.stdout.count("epoch 2/2:") == 1   # rank 0 alone logs
     assert "x 2 process(es)" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "curves.png", "history.csv", "last.pt"]
     checkpoint = sd.load_checkpoint(out / "last.pt")
     assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
+    # The logged loss and accuracy are the global batch's, as a single process with the same batch logs them.
+    first, reference = checkpoint["history"][0], sd.load_checkpoint(tmp_path / "single" / "last.pt")["history"][0]
+    assert first["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-3)
+    assert first["train_acc"] == pytest.approx(reference["train_acc"], abs=1e-3)
     sd.model_from_checkpoint(checkpoint)    # SyncBN layers save plain BatchNorm weights
 
 
