@@ -5,9 +5,10 @@
     python origin_train.py --download      # fetch and extract VOC 2012 first (--mirror URL if its host is down)
     python origin_train.py --voc-dir mine --classes mine/classes.txt   # your own dataset in VOC layout
 """
-from some_define import finish_train_args, run_main, train, train_arg_parser
+from support.cli import finish_train_args, run_main, train_arg_parser
+from support.training import train
 
-# The book's settings (the seed trained 30 epochs; the book 5).
+# The book's settings (the original repository trained 30 epochs; the book 5).
 DEFAULTS = {
     "voc_dir": "VOC2012",
     "model": "fcn",
@@ -28,8 +29,7 @@ DEFAULTS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = finish_train_args(train_arg_parser(__doc__.splitlines()[0]).parse_args(argv), DEFAULTS)
-    train(args)
+    train(finish_train_args(train_arg_parser(__doc__.splitlines()[0]).parse_args(argv), DEFAULTS))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import some_define as sd
+from support import data
 from conftest import (TINY_TRAIN_SIZES, TINY_VAL_SIZES, make_voc_tree, synthetic_label, write_palette_label,
                       write_rgb_label)
 
@@ -34,10 +35,10 @@ COORD_SIZES = [(40, 50), (24, 32), (30, 20), (10, 12), (60, 33), (25, 90), (24, 
 CROP = (24, 32)
 
 
-def coord_dataset(sizes=COORD_SIZES, crop=CROP) -> sd.VOCSegDataset:
+def coord_dataset(sizes=COORD_SIZES, crop=CROP) -> sd.SegDataset:
     images = [coord_image(h, w, i) for i, (h, w) in enumerate(sizes)]
     labels = [coord_label(h, w, i) for i, (h, w) in enumerate(sizes)]
-    return sd.VOCSegDataset(images, labels, [f"img{i}" for i in range(len(sizes))], crop)
+    return sd.SegDataset(images, labels, [f"img{i}" for i in range(len(sizes))], crop)
 
 
 def check_window(image: torch.Tensor, label: torch.Tensor, i: int, top: int, left: int, size: tuple[int, int]):
@@ -262,15 +263,15 @@ def test_bad_label_in_a_split_names_the_file(tmp_path):
     label[0, 0] = 42
     write_palette_label(bad, label)
     with pytest.raises(sd.UsageError) as info:
-        sd.read_voc_images(voc_dir, "train")
+        data.read_split(voc_dir, "train", sd.VOC_COLORMAP)
     assert str(bad) in str(info.value)
     # A label whose size differs from its image, and a missing label, are named too.
     write_palette_label(bad, synthetic_label(21, 30, 1))
     with pytest.raises(sd.UsageError, match="train_001.png: label is"):
-        sd.read_voc_images(voc_dir, "train")
+        data.read_split(voc_dir, "train", sd.VOC_COLORMAP)
     bad.unlink()
     with pytest.raises(sd.UsageError, match="train_001.png: label file not found"):
-        sd.read_voc_images(voc_dir, "train")
+        data.read_split(voc_dir, "train", sd.VOC_COLORMAP)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -281,7 +282,8 @@ def test_bad_label_in_a_split_names_the_file(tmp_path):
 def test_read_voc_images_returns_every_image_of_the_split(tmp_path, label_mode):
     voc_dir = make_voc_tree(tmp_path, TINY_TRAIN_SIZES, TINY_VAL_SIZES, label_mode=label_mode)
     for split, sizes in (("train", TINY_TRAIN_SIZES), ("val", TINY_VAL_SIZES)):
-        images, labels, names = sd.read_voc_images(voc_dir, split)
+        split_data = data.read_split(voc_dir, split, sd.VOC_COLORMAP)
+        images, labels, names = split_data.images, split_data.labels, split_data.names
         assert names == [f"{split}_{k:03d}" for k in range(len(sizes))]
         assert len(images) == len(labels) == len(sizes)       # small images are kept
         for k, ((h, w), image, label) in enumerate(zip(sizes, images, labels)):
@@ -292,7 +294,7 @@ def test_read_voc_images_returns_every_image_of_the_split(tmp_path, label_mode):
 
 def test_small_images_reach_training_crops(tmp_path):
     voc_dir = make_voc_tree(tmp_path, TINY_TRAIN_SIZES, TINY_VAL_SIZES)
-    ds = sd.VOCSegDataset(*sd.read_voc_images(voc_dir, "train"), crop_size=(32, 32))
+    ds = data.read_split(voc_dir, "train", sd.VOC_COLORMAP, crop_size=(32, 32))
     sampler = sd.RandomCropBatchSampler(ds, batch_size=6, seed=0)
     (batch,) = keys_of(sampler)
     assert sorted(i for i, _, _ in batch) == list(range(6))
@@ -308,16 +310,16 @@ def test_small_images_reach_training_crops(tmp_path):
 @pytest.mark.parametrize("layout", ["flat", "VOC2012", "VOCdevkit"])
 def test_find_voc_dir_layouts(tmp_path, layout):
     voc_dir = make_voc_tree(tmp_path / "data", [(20, 30)], [(20, 30)], layout=layout)
-    assert sd.find_voc_dir(tmp_path / "data") == voc_dir
-    assert sd.find_voc_dir(voc_dir) == voc_dir
-    assert sd.find_voc_dir(str(tmp_path / "data")) == voc_dir
+    assert data.find_voc_dir(tmp_path / "data") == voc_dir
+    assert data.find_voc_dir(voc_dir) == voc_dir
+    assert data.find_voc_dir(str(tmp_path / "data")) == voc_dir
 
 
 def test_find_voc_dir_missing_names_the_tried_paths(tmp_path):
     missing = tmp_path / "nothing"
     (tmp_path / "nothing" / "VOC2012" / "JPEGImages").mkdir(parents=True)   # incomplete: not a dataset
     with pytest.raises(sd.UsageError) as info:
-        sd.find_voc_dir(missing)
+        data.find_voc_dir(missing)
     message = str(info.value)
     for tried in (missing, missing / "VOC2012", missing / "VOCdevkit" / "VOC2012"):
         assert str(tried) in message
@@ -327,7 +329,7 @@ def test_find_voc_dir_missing_names_the_tried_paths(tmp_path):
 def test_split_file_missing_or_empty(tmp_path):
     voc_dir = make_voc_tree(tmp_path, [(20, 30)], [(20, 30)])
     with pytest.raises(sd.UsageError, match="test.txt: split file not found"):
-        sd.read_voc_images(voc_dir, "test")
+        data.read_split(voc_dir, "test", sd.VOC_COLORMAP)
     (voc_dir / "ImageSets" / "Segmentation" / "val.txt").write_text("\n")
     with pytest.raises(sd.UsageError, match="val.txt: the split is empty"):
-        sd.read_voc_images(voc_dir, "val")
+        data.read_split(voc_dir, "val", sd.VOC_COLORMAP)

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from conftest import make_voc_tree, run_script
 import some_define as sd
+from support import checkpoints, distributed
 
 B, CROP = 4, (96, 96)
 
@@ -40,32 +41,33 @@ def three_steps(net: torch.nn.Module, images, labels, reduction: str, world_size
                       reduction=reduction, world_size=world_size)
 
 
-def val_set() -> tuple[list, list]:
+def val_set() -> sd.SegDataset:
     """Three images (an odd count: a padded sampler would count one twice), of two sizes."""
     g = torch.Generator().manual_seed(1)
     sizes = [(40, 50), (64, 64), (40, 50)]
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
     labels = [torch.randint(0, 4, (h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
     labels[1][:10] = sd.VOID
-    return images, labels
+    return sd.SegDataset(images, labels, ["a", "b", "c"], CROP)
 
 
 def rank_worker(rank: int, world_size: int, port: int, out: str, reduction: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = sd.DistributedContext("cpu")
+    ctx = distributed.DistributedContext("cpu")
     torch.manual_seed(0)
     net = sd.build_model("fcn", 4)
-    images, labels = val_set()
-    metrics = sd.evaluate(net, images, labels, 4, ctx.device, 2, ctx=ctx)   # before training: same weights as ref
-    net = sd.wrap_for_training(net, ctx, channels_last=False, sync_bn=True, compile_model=False)
+    # Before training, so with the same weights as the reference: each process evaluates its share, then the sums.
+    metrics = sd.evaluate(net, val_set().shard(ctx.rank, ctx.world_size), ctx.device, 4, 2)
+    metrics.reduce_from_all_processes(ctx.device)
+    net = distributed.wrap_for_training(net, ctx, channels_last=False, sync_bn=True, compile_model=False)
     net.train()
     images_b, labels_b = fixed_batch()
     per = B // world_size
     shard = slice(rank * per, (rank + 1) * per)     # how RandomCropBatchSampler splits a global batch
     three_steps(net, images_b[shard], labels_b[shard], reduction, world_size)
-    torch.save({"state_dict": sd.unwrap(net).state_dict(), "confusion": metrics.confusion,
+    torch.save({"state_dict": checkpoints.unwrap(net).state_dict(), "confusion": metrics.confusion,
                 "void": [metrics.void_pixels, metrics.void_as_background]}, Path(out) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
@@ -78,8 +80,7 @@ def test_two_ranks_take_the_single_process_step(reduction, tmp_path):
     torch.manual_seed(0)
     reference = sd.build_model("fcn", 4)
     start = {k: v.clone() for k, v in reference.state_dict().items()}
-    images, labels = val_set()
-    metrics = sd.evaluate(reference, images, labels, 4, torch.device("cpu"), 2)
+    metrics = sd.evaluate(reference, val_set(), torch.device("cpu"), 4, 2)
     reference.train()
     three_steps(reference, *fixed_batch(), reduction, world_size=1)
 
@@ -113,13 +114,13 @@ def test_torchrun_trains_and_writes_one_set_of_files(tmp_path):
     assert result.stdout.count("epoch 1/2:") == 1 and result.stdout.count("epoch 2/2:") == 1   # rank 0 alone logs
     assert "x 2 process(es)" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "curves.png", "history.csv", "last.pt"]
-    checkpoint = sd.load_checkpoint(out / "last.pt")
+    checkpoint = checkpoints.load_checkpoint(out / "last.pt")
     assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
     # The logged loss and accuracy are the global batch's, as a single process with the same batch logs them.
-    first, reference = checkpoint["history"][0], sd.load_checkpoint(tmp_path / "single" / "last.pt")["history"][0]
+    first, reference = checkpoint["history"][0], checkpoints.load_checkpoint(tmp_path / "single" / "last.pt")["history"][0]
     assert first["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-3)
     assert first["train_acc"] == pytest.approx(reference["train_acc"], abs=1e-3)
-    sd.model_from_checkpoint(checkpoint)    # SyncBN layers save plain BatchNorm weights
+    checkpoints.restore_model(checkpoint)    # SyncBN layers save plain BatchNorm weights
 
 
 def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):

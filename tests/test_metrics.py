@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import some_define as sd
+from support import prediction
 
 V = sd.VOID
 NAMES = ["c0", "c1", "c2", "c3", "c4"]
@@ -123,7 +124,7 @@ def test_image_miou():
 def test_metrics_table_shows_absent_classes_as_dash():
     m = sd.SegMetrics(5)
     m.update(PRED, TARGET)
-    table = sd.metrics_table({"fcn": m.compute(NAMES)}, NAMES)
+    table = prediction.metrics_table({"fcn": m.compute(NAMES)}, NAMES)
     lines = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:]}
     assert lines["c1"] == ["0.750"] and lines["c4"] == ["-"] and lines["miou"] == ["0.375"]
     assert lines["pixel_acc"] == ["0.625"] and lines["d2l_pixel_acc"] == ["0.600"]

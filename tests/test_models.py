@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import some_define as sd
+from support import checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +258,9 @@ def test_predict_full_res_alone_equals_batched(fcn5):
 def test_evaluate_is_deterministic(fcn5):
     images, labels = eval_images()
     cpu = torch.device("cpu")
-    first = sd.evaluate(fcn5, images, labels, 5, cpu, batch_size=2)
-    second = sd.evaluate(fcn5, images, labels, 5, cpu, batch_size=8)
+    data = sd.SegDataset(images, labels, [str(i) for i in range(len(images))], (32, 32))
+    first = sd.evaluate(fcn5, data, cpu, 5, batch_size=2)
+    second = sd.evaluate(fcn5, data, cpu, 5, batch_size=8)
     assert torch.equal(first.confusion, second.confusion)
     assert first.void_pixels == second.void_pixels == sum(int((l == 255).sum()) for l in labels)
     assert first.void_as_background == second.void_as_background
@@ -288,13 +290,13 @@ def test_checkpoint_round_trip(tmp_path):
                 tensor.fill_(7)
     net.eval()
     args = argparse.Namespace(crop=[64, 96], lr=0.001, demo=True, device=None, out=tmp_path, model="fcn")
-    config = sd.plain_config(args)
+    config = checkpoints.plain_config(vars(args))
     assert config["out"] == str(tmp_path) and config["crop"] == [64, 96]
     history = [{"epoch": 1, "train_loss": 1.5, "val_miou": 0.25}]
     names = sd.VOC_CLASSES[:4]
-    checkpoint = sd.make_checkpoint(net, "fcn", names, sd.VOC_COLORMAP[:4], config, epoch=1, history=history)
+    checkpoint = checkpoints.make_checkpoint(net, "fcn", names, sd.VOC_COLORMAP[:4], config, epoch=1, history=history)
     path = tmp_path / "sub" / "c.pt"
-    sd.save_checkpoint(path, checkpoint)
+    checkpoints.save_checkpoint(path, checkpoint)
     assert sorted(p.name for p in path.parent.iterdir()) == ["c.pt"]   # no temporary file left behind
 
     raw = torch.load(path, map_location="cpu", weights_only=True)   # plain types only
@@ -302,8 +304,8 @@ def test_checkpoint_round_trip(tmp_path):
     assert raw["colormap"] == sd.VOC_COLORMAP[:4] and raw["config"] == config
     assert raw["epoch"] == 1 and raw["history"] == history
 
-    loaded = sd.load_checkpoint(path)
-    restored = sd.model_from_checkpoint(loaded, path).eval()
+    loaded = checkpoints.load_checkpoint(path)
+    restored = checkpoints.restore_model(loaded, path).eval()
     fresh = sd.FCN(num_classes=4, pretrained="none").state_dict()
     expected = net.state_dict()
     got = restored.state_dict()
@@ -318,15 +320,15 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(sd.UsageError, match="checkpoint not found"):
-        sd.load_checkpoint(tmp_path / "missing.pt")
+        checkpoints.load_checkpoint(tmp_path / "missing.pt")
     # Not loadable with weights_only=True: refused, not executed.
     torch.save({"model": "fcn", "state_dict": {}, "extra": argparse.Namespace(a=1)}, tmp_path / "pickled.pt")
     with pytest.raises(sd.UsageError, match="refused"):
-        sd.load_checkpoint(tmp_path / "pickled.pt")
+        checkpoints.load_checkpoint(tmp_path / "pickled.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(sd.UsageError, match="no model name or state_dict"):
-        sd.load_checkpoint(tmp_path / "other.pt")
+        checkpoints.load_checkpoint(tmp_path / "other.pt")
     net = sd.FCN(num_classes=4, pretrained="none")
-    checkpoint = sd.make_checkpoint(net, "fcn", sd.VOC_CLASSES[:5], sd.VOC_COLORMAP[:5], {})   # says 5 classes
+    checkpoint = checkpoints.make_checkpoint(net, "fcn", sd.VOC_CLASSES[:5], sd.VOC_COLORMAP[:5], {})   # says 5 classes
     with pytest.raises(sd.UsageError, match="do not fit a fcn with 5 classes"):
-        sd.model_from_checkpoint(checkpoint, "x.pt")
+        checkpoints.restore_model(checkpoint, "x.pt")

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import make_voc_tree, run_script
 import my_train
 import some_define as sd
+from support import checkpoints, cli, study, training
 
 TINY = ["--pretrained", "none", "--device", "cpu", "--crop", "32", "32", "--batch-size", "2", "--workers", "0"]
 
@@ -39,7 +40,9 @@ def test_both_networks_load_the_same_resnet18_into_the_same_encoder_tensors(tmp_
 
 
 def preset(name: str, *flags: str) -> argparse.Namespace:
-    return my_train.preset_args(my_train.parse_args(list(flags)), name, Path("OUT"))
+    args = my_train.parse_args(list(flags))
+    finetune_epochs = my_train.FINETUNE_EPOCHS["demo" if args.demo else "full"]
+    return study.preset_args(args, name, Path("OUT"), my_train.PRESETS, my_train.DEFAULTS, finetune_epochs)
 
 
 @pytest.mark.parametrize("name, model, optimizer, lr, loss, void", [
@@ -71,7 +74,7 @@ def test_finetune_starts_from_the_saved_weights_with_a_fresh_optimizer(voc, tmp_
     first = tmp_path / "first"
     result = run_script("my_train.py", "--voc-dir", str(voc), "--out", str(first), "--epochs", "1", *TINY)
     assert result.returncode == 0, result.stderr
-    checkpoint = sd.load_checkpoint(first / "last.pt")
+    checkpoint = checkpoints.load_checkpoint(first / "last.pt")
 
     seen = []
     real_step = sd.train_step
@@ -84,14 +87,14 @@ def test_finetune_starts_from_the_saved_weights_with_a_fresh_optimizer(voc, tmp_
             seen.append(loss[0])
         return loss
     monkeypatch.setattr(sd, "train_step", recording_step)
-    args = sd.finish_train_args(my_train.parse_args(
+    args = cli.finish_train_args(my_train.parse_args(
         ["--voc-dir", str(voc), "--out", str(tmp_path / "ft"), "--epochs", "1", "--lr", "1e-5",
          "--finetune-from", str(first / "last.pt"), "--amp", "off", *TINY]), my_train.DEFAULTS)   # fp32 like below
-    history = sd.train(args)
+    history = training.train(args)
 
     lr, optimizer_state, images, labels = seen[0]
     assert lr == 1e-5 and optimizer_state == 0          # the new lr, and no Adam moments carried over
-    net = sd.model_from_checkpoint(checkpoint).train()
+    net = checkpoints.restore_model(checkpoint).train()
     with torch.no_grad():
         expected = sd.segmentation_loss(net(sd.normalize_images(images)), sd.prepare_targets(labels, "ignore"),
                                         "mean")

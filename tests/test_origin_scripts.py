@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import some_define as sd
+from support import checkpoints, data, demo
 from conftest import TINY_TRAIN_SIZES, TINY_VAL_SIZES, make_voc_tree, run_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,7 +68,7 @@ def test_train_demo_writes_history_curves_and_checkpoint(demo_run):
     assert config["epochs"] == 2 and config["pretrained"] == "none" and config["device"] == "cpu"
     assert [h["epoch"] for h in checkpoint["history"]] == [1, 2]
     assert checkpoint["history"][-1]["val_miou"] == pytest.approx(float(rows[-1]["val_miou"]), rel=1e-12)
-    sd.model_from_checkpoint(checkpoint)      # the weights fit the model they name
+    checkpoints.restore_model(checkpoint)      # the weights fit the model they name
     assert {"curves.png", "history.csv", "last.pt"} <= {p.name for p in out.iterdir()}
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]     # no temporary file left behind
 
@@ -92,9 +93,10 @@ def test_predict_eval_writes_metrics_of_the_whole_split(demo_run, tmp_path):
     assert_ok(evaluated)
     metrics = json.loads(metrics_path.read_text())
     assert set(metrics) == METRICS_KEYS
-    voc_dir = sd.make_demo_voc()
-    _, val_labels, val_names = sd.read_voc_images(voc_dir, "val")
-    assert metrics["num_images"] == len(val_names) == sd.DEMO_SPLITS["val"]
+    voc_dir = demo.make_demo_voc()
+    split_data = data.read_split(voc_dir, "val", sd.VOC_COLORMAP)
+    _, val_labels, val_names = split_data.images, split_data.labels, split_data.names
+    assert metrics["num_images"] == len(val_names) == demo.DEMO_SPLITS["val"]
     cm = metrics["confusion_matrix"]
     assert len(cm) == 21 and all(len(row) == 21 for row in cm)
     # Full resolution: every labelled pixel of every val image is counted once.
@@ -132,7 +134,8 @@ def test_train_and_eval_on_a_tiny_voc_tree(tmp_path):
     metrics = json.loads((out / "metrics_val.json").read_text())
     assert set(metrics) == METRICS_KEYS
     assert metrics["num_images"] == len(TINY_VAL_SIZES)
-    _, labels, _ = sd.read_voc_images(tmp_path / "data" / "VOC2012", "val")
+    split_data = data.read_split(tmp_path / "data" / "VOC2012", "val", sd.VOC_COLORMAP)
+    _, labels, _ = split_data.images, split_data.labels, split_data.names
     assert sum(map(sum, metrics["confusion_matrix"])) == sum(int((l != sd.VOID).sum()) for l in labels)
     assert metrics["pixel_acc"] == pytest.approx(float(rows[-1]["val_acc"]), rel=1e-12)
 

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import some_define as sd  # noqa: E402
+from support import checkpoints, cli, data, download, export, speed
 
 # One thread: on a small shared machine, several OpenMP threads spin-waiting on each other make steps far slower.
 torch.set_num_threads(1)
@@ -143,7 +144,7 @@ def serve():
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/{sd.VOC_TAR}", seen
+        return f"http://127.0.0.1:{server.server_address[1]}/{download.VOC_TAR}", seen
 
     yield start
     for server in servers:
@@ -159,13 +160,13 @@ def serve():
 def test_class_file_with_colours(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text(CLASSES_WITH_COLOURS + "\n")   # a trailing blank line is fine
-    assert sd.load_classes(path) == (NAMES, COLOURS)
+    assert data.read_classes(path) == (NAMES, COLOURS)
 
 
 def test_class_file_without_colours_takes_the_voc_palette(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("\n".join(f"c{i}" for i in range(30)) + "\n")
-    names, colormap = sd.load_classes(path)
+    names, colormap = data.read_classes(path)
     palette = sd.voc_palette()
     assert names == [f"c{i}" for i in range(30)]
     assert colormap == [palette[3 * i:3 * i + 3] for i in range(30)]
@@ -180,13 +181,14 @@ def test_bad_class_files_are_refused(tmp_path, text, message):
     path = tmp_path / "classes.txt"
     path.write_text(text)
     with pytest.raises(sd.UsageError, match=re.escape(message)):
-        sd.load_classes(path)
+        data.read_classes(path)
 
 
 @pytest.mark.parametrize("kind", ["palette", "rgb", "gray"])
 def test_mask_formats_give_the_expected_indices(tmp_path, kind):
     labels = make_dataset(tmp_path, {"train": 3}, kind=kind)
-    _, read_labels, names = sd.read_split(tmp_path, "train", COLOURS)
+    split_data = data.read_split(tmp_path, "train", COLOURS)
+    _, read_labels, names = split_data.images, split_data.labels, split_data.names
     for name, label in zip(names, read_labels):
         assert torch.equal(label, torch.from_numpy(labels[name]))
 
@@ -244,7 +246,7 @@ def input_images(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_checkpoint_carries_the_dataset_classes(trained):
-    checkpoint = sd.load_checkpoint(trained / "run" / "last.pt")
+    checkpoint = checkpoints.load_checkpoint(trained / "run" / "last.pt")
     assert checkpoint["class_names"] == NAMES and checkpoint["colormap"] == COLOURS
     assert checkpoint["num_classes"] == 3
     assert checkpoint["config"]["train_split"] == "fit" and checkpoint["config"]["val_split"] == "check"
@@ -269,7 +271,7 @@ def test_images_give_palette_pngs_of_the_input_size_and_overlays(trained, tmp_pa
     # The broken file is reported on its own line, the others are still written, and the exit code says so.
     assert f"error: {tmp_path / 'in' / 'broken.jpg'}: cannot read the image" in result.stderr
     assert "1 of 5 images could not be read" in error_line(result)
-    net = sd.model_from_checkpoint(sd.load_checkpoint(trained / "run" / "last.pt")).eval()
+    net = checkpoints.restore_model(checkpoints.load_checkpoint(trained / "run" / "last.pt")).eval()
     for name, size in sizes.items():
         with Image.open(out / f"{name}.png") as png:
             assert png.mode == "P" and png.size == size
@@ -277,7 +279,7 @@ def test_images_give_palette_pngs_of_the_input_size_and_overlays(trained, tmp_pa
             indices = torch.from_numpy(np.array(png))
         image = sd.read_image(tmp_path / "in" / f"{name}{'.jpg' if name in ('odd', 'cmyk') else '.png'}")
         cpu = torch.device("cpu")   # the script's defaults: bf16 where this CPU has AMX
-        _, expected = next(sd.predict_full_res(net, [image], cpu, **sd.inference_flags("auto", cpu)))
+        _, expected = next(sd.predict_full_res(net, [image], cpu, **speed.inference_flags("auto", cpu)))
         assert torch.equal(indices, expected.to(torch.uint8))   # the model's own full-resolution prediction
         assert int(indices.max()) < 3
         with Image.open(out / f"{name}_overlay.jpg") as overlay:
@@ -292,7 +294,7 @@ def test_tta_and_my_predict(trained, tmp_path):
     assert_ok(result)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "cmyk.png", "cmyk_overlay.jpg", "odd.png", "odd_overlay.jpg"]
-    net = sd.model_from_checkpoint(sd.load_checkpoint(trained / "run" / "last.pt")).eval()
+    net = checkpoints.restore_model(checkpoints.load_checkpoint(trained / "run" / "last.pt")).eval()
     image = sd.read_image(tmp_path / "in" / "odd.jpg")
     _, expected = next(sd.predict_full_res(net, [image], torch.device("cpu"), tta=True))
     with Image.open(tmp_path / "out" / "odd.png") as png:
@@ -304,33 +306,33 @@ def test_mismatched_classes_are_refused(trained, tmp_path):
     result = run_script("origin_predict.py", "--checkpoint", trained / "run" / "last.pt", "--classes",
                         tmp_path / "voc.txt", "--eval")
     assert "21 classes, but the checkpoint was trained on 3" in error_line(result)
-    checkpoint = sd.load_checkpoint(trained / "run" / "last.pt")
+    checkpoint = checkpoints.load_checkpoint(trained / "run" / "last.pt")
     with pytest.raises(sd.UsageError, match="class 2 is 'tree' \\[0, 250, 5\\], but the checkpoint's is 'potted plant'"):
-        sd.check_classes_match(["sky", "road", "tree"], COLOURS, checkpoint, "other.txt")
+        checkpoints.check_classes_match(["sky", "road", "tree"], COLOURS, checkpoint, "other.txt")
     with pytest.raises(sd.UsageError, match="class 0 is 'sky' \\[0, 0, 0\\], but the checkpoint's is 'sky' \\[10, 20, 30\\]"):
-        sd.check_classes_match(NAMES, [[0, 0, 0], *COLOURS[1:]], checkpoint, "other.txt")
+        checkpoints.check_classes_match(NAMES, [[0, 0, 0], *COLOURS[1:]], checkpoint, "other.txt")
 
 
 def test_predict_flags_default_to_the_training_run():
     checkpoint = {"class_names": NAMES, "colormap": COLOURS, "config": {"val_split": "check", "ignore_index": 11}}
-    parse = lambda *argv: sd.predict_arg_parser("", "c.pt", "f.png").parse_args(list(argv))
-    args = sd.finish_predict_args(parse(), checkpoint)
+    parse = lambda *argv: cli.predict_arg_parser("", "c.pt", "f.png").parse_args(list(argv))
+    args = cli.finish_predict_args(parse(), checkpoint)
     assert (args.split, args.ignore_index) == ("check", 11)
-    args = sd.finish_predict_args(parse("--split", "val", "--ignore-index", "3"), checkpoint)
+    args = cli.finish_predict_args(parse("--split", "val", "--ignore-index", "3"), checkpoint)
     assert (args.split, args.ignore_index) == ("val", 3)
     with pytest.raises(sd.UsageError, match="--tta applies to --images"):
-        sd.finish_predict_args(parse("--tta"), checkpoint)
+        cli.finish_predict_args(parse("--tta"), checkpoint)
     with pytest.raises(sd.UsageError, match="--images and --eval do not go together"):
-        sd.finish_predict_args(parse("--images", "x.jpg", "--eval"), checkpoint)
+        cli.finish_predict_args(parse("--images", "x.jpg", "--eval"), checkpoint)
 
 
 def test_outputs_must_not_clash_or_replace_inputs(tmp_path):
     a, b = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.png"
     with pytest.raises(sd.UsageError, match="would both be written as x.png"):
-        sd.check_prediction_paths([a, b], tmp_path / "out")
+        export.check_prediction_paths([a, b], tmp_path / "out")
     with pytest.raises(sd.UsageError, match="would replace an input"):
-        sd.check_prediction_paths([b], tmp_path / "b")
-    sd.check_prediction_paths([a], tmp_path / "a")   # x.jpg -> x.png and x_overlay.jpg: no input replaced
+        export.check_prediction_paths([b], tmp_path / "b")
+    export.check_prediction_paths([a], tmp_path / "a")   # x.jpg -> x.png and x_overlay.jpg: no input replaced
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -348,7 +350,7 @@ def test_download_checksum_mismatch_fails_cleanly(tmp_path):
     result = run_script("origin_train.py", "--download", "--mirror", (tmp_path / "served.tar").as_uri(),
                         "--voc-dir", root / "VOC2012", "--out", tmp_path / "run", *TRAIN_FLAGS)
     line = error_line(result)
-    assert f"is not the expected {sd.VOC_MD5}; removed it, run again" in line
+    assert f"is not the expected {download.VOC_MD5}; removed it, run again" in line
     assert leftovers(root) == []   # no tar, no .part, no VOCdevkit, no temporary extraction folder
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -356,45 +358,44 @@ def test_download_checksum_mismatch_fails_cleanly(tmp_path):
 def test_download_extracts_then_trains(tmp_path, monkeypatch):
     import origin_train
     md5 = make_voc_tar(tmp_path / "served.tar", tmp_path / "src")
-    monkeypatch.setattr(sd, "VOC_MD5", md5)
+    monkeypatch.setattr(download, "VOC_MD5", md5)
     root = tmp_path / "data"
     origin_train.main(["--download", "--mirror", (tmp_path / "served.tar").as_uri(), "--voc-dir",
                        str(root / "VOC2012"), "--out", str(tmp_path / "run"), *TRAIN_FLAGS])
-    assert leftovers(root) == ["VOCdevkit", sd.VOC_TAR]
-    assert sd.is_voc_dir(root / "VOCdevkit" / "VOC2012")
+    assert leftovers(root) == ["VOCdevkit", download.VOC_TAR]
+    assert data.is_voc_dir(root / "VOCdevkit" / "VOC2012")
     assert (tmp_path / "run" / "last.pt").is_file()
     # The checkpoint's --voc-dir finds the extracted tree, so predict needs no flags; a rerun downloads nothing.
-    assert sd.find_voc_dir(root / "VOC2012") == root / "VOCdevkit" / "VOC2012"
-    (root / sd.VOC_TAR).unlink()
-    assert sd.training_dataset_dir(origin_train.finish_train_args(
-        sd.train_arg_parser("").parse_args(["--download", "--voc-dir", str(root / "VOC2012")]),
-        origin_train.DEFAULTS)) == root / "VOCdevkit" / "VOC2012"
+    assert data.find_voc_dir(root / "VOC2012") == root / "VOCdevkit" / "VOC2012"
+    (root / download.VOC_TAR).unlink()
+    assert download.training_data_dir(str(root / "VOC2012"), demo=False, download=True, mirror=None) \
+        == root / "VOCdevkit" / "VOC2012"
 
 
 def test_download_resumes_a_partial_file(tmp_path, serve):
     md5 = make_voc_tar(tmp_path / "served.tar", tmp_path / "src")
-    data = (tmp_path / "served.tar").read_bytes()
+    served = (tmp_path / "served.tar").read_bytes()
     root = tmp_path / "data"
-    url, seen = serve(data, cut_after=len(data) // 3)   # the connection drops a third of the way
+    url, seen = serve(served, cut_after=len(served) // 3)   # the connection drops a third of the way
     with pytest.raises(sd.UsageError, match="run again to resume"):
-        sd.download_voc(root, url, md5)
-    part = root / f"{sd.VOC_TAR}.part"
-    assert part.stat().st_size == len(data) // 3 and not (root / "VOCdevkit").exists()
-    url, seen = serve(data)
-    assert sd.download_voc(root, url, md5) == root / "VOCdevkit" / "VOC2012"
-    assert seen == [f"bytes={len(data) // 3}-"]   # only the rest was asked for
-    assert (root / sd.VOC_TAR).read_bytes() == data and not part.exists()
+        download.download_voc(root, url, md5)
+    part = root / f"{download.VOC_TAR}.part"
+    assert part.stat().st_size == len(served) // 3 and not (root / "VOCdevkit").exists()
+    url, seen = serve(served)
+    assert download.download_voc(root, url, md5) == root / "VOCdevkit" / "VOC2012"
+    assert seen == [f"bytes={len(served) // 3}-"]   # only the rest was asked for
+    assert (root / download.VOC_TAR).read_bytes() == served and not part.exists()
 
 
 def test_download_restarts_when_the_server_ignores_range(tmp_path, serve):
     md5 = make_voc_tar(tmp_path / "served.tar", tmp_path / "src")
-    data = (tmp_path / "served.tar").read_bytes()
+    served = (tmp_path / "served.tar").read_bytes()
     root = tmp_path / "data"
     root.mkdir()
-    (root / f"{sd.VOC_TAR}.part").write_bytes(b"x" * 1000)
-    url, seen = serve(data, ranges=False)
-    assert sd.is_voc_dir(sd.download_voc(root, url, md5))
-    assert seen == ["bytes=1000-"] and (root / sd.VOC_TAR).read_bytes() == data
+    (root / f"{download.VOC_TAR}.part").write_bytes(b"x" * 1000)
+    url, seen = serve(served, ranges=False)
+    assert data.is_voc_dir(download.download_voc(root, url, md5))
+    assert seen == ["bytes=1000-"] and (root / download.VOC_TAR).read_bytes() == served
 
 
 def test_unsafe_tar_members_are_refused(tmp_path):
@@ -405,5 +406,5 @@ def test_unsafe_tar_members_are_refused(tmp_path):
         tar.addfile(info, io.BytesIO(b"evil"))
     root = tmp_path / "data"
     with pytest.raises(sd.UsageError, match="cannot extract it"):
-        sd.download_voc(root, tar_path.as_uri(), hashlib.md5(tar_path.read_bytes()).hexdigest())
-    assert not (tmp_path / "evil.txt").exists() and leftovers(root) == [sd.VOC_TAR]
+        download.download_voc(root, tar_path.as_uri(), hashlib.md5(tar_path.read_bytes()).hexdigest())
+    assert not (tmp_path / "evil.txt").exists() and leftovers(root) == [download.VOC_TAR]

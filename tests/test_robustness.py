@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import REPO_ROOT, THREADS, make_voc_tree, run_script
 import some_define as sd
+from support import checkpoints, data
 
 TRAIN = [(64, 64)] * 12
 VAL = [(64, 64)] * 2
@@ -101,15 +102,15 @@ def test_ctrl_c_saves_mid_epoch_and_resume_gives_the_same_weights(voc, uninterru
 
 def test_crash_between_temp_write_and_replace_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    sd.save_checkpoint(path, {"model": "fcn", "state_dict": {"w": torch.ones(2)}, "epoch": 1})
+    checkpoints.save_checkpoint(path, {"model": "fcn", "state_dict": {"w": torch.ones(2)}, "epoch": 1})
 
     def crash(src, dst):
         raise OSError("simulated crash")
     monkeypatch.setattr(sd.os, "replace", crash)
     with pytest.raises(OSError):
-        sd.save_checkpoint(path, {"model": "fcn", "state_dict": {"w": torch.zeros(2)}, "epoch": 2})
+        checkpoints.save_checkpoint(path, {"model": "fcn", "state_dict": {"w": torch.zeros(2)}, "epoch": 2})
     monkeypatch.undo()
-    assert sd.load_checkpoint(path)["epoch"] == 1
+    assert checkpoints.load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]     # no temporary file left behind
 
 
@@ -126,7 +127,7 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"model": "fcn", "state_dict": {}, "payload": Evil(str(marker))}, evil)
     with pytest.raises(sd.UsageError, match="refused"):
-        sd.load_checkpoint(evil)
+        checkpoints.load_checkpoint(evil)
     result = run_script("origin_predict.py", "--checkpoint", str(evil), "--demo", "--figure", str(tmp_path / "f.png"))
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {evil}") and len(result.stderr.strip().splitlines()) == 1
@@ -137,12 +138,12 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path):
 def test_checkpoint_of_another_architecture_says_what_it_holds(tmp_path):
     fcn = sd.build_model("fcn", 21)
     path = tmp_path / "fcn.pt"
-    sd.save_checkpoint(path, sd.make_checkpoint(fcn, "unet", sd.VOC_CLASSES, sd.VOC_COLORMAP, {}))  # mislabelled
+    checkpoints.save_checkpoint(path, checkpoints.make_checkpoint(fcn, "unet", sd.VOC_CLASSES, sd.VOC_COLORMAP, {}))  # mislabelled
     with pytest.raises(sd.UsageError, match="do not fit a unet with 21 classes"):
-        sd.model_from_checkpoint(sd.load_checkpoint(path), path)
-    sd.save_checkpoint(path, sd.make_checkpoint(fcn, "fcn", sd.VOC_CLASSES, sd.VOC_COLORMAP, {}))
+        checkpoints.restore_model(checkpoints.load_checkpoint(path), path)
+    checkpoints.save_checkpoint(path, checkpoints.make_checkpoint(fcn, "fcn", sd.VOC_CLASSES, sd.VOC_COLORMAP, {}))
     with pytest.raises(sd.UsageError, match="holds a fcn with 21 classes, but this run asks for a unet with 3"):
-        sd.check_checkpoint_matches(sd.load_checkpoint(path), "unet", ["a", "b", "c"], path)
+        checkpoints.check_checkpoint_matches(checkpoints.load_checkpoint(path), "unet", ["a", "b", "c"], path)
 
 
 def test_diverging_loss_stops_with_advice(voc, tmp_path):
@@ -195,8 +196,8 @@ def test_bad_dataset_files_give_one_line(how, tmp_path):
     voc = make_voc_tree(tmp_path, [(64, 64)] * 4, [(64, 64)] * 2)
     expected = break_file(voc, how)
     with pytest.raises(sd.UsageError, match="^" + re.escape(expected)):
-        sd.read_voc_images(voc, "train")
-        sd.read_voc_images(voc, "val")
+        data.read_split(voc, "train", sd.VOC_COLORMAP)
+        data.read_split(voc, "val", sd.VOC_COLORMAP)
 
 
 def test_a_bad_file_stops_the_script_and_skip_bad_skips_it(tmp_path):

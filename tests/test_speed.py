@@ -9,6 +9,7 @@ import torch
 
 import some_define as sd
 from conftest import TINY_TRAIN_SIZES, make_voc_tree, run_script
+from support import data
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 5
@@ -164,9 +165,9 @@ def test_on_device_path_yields_the_dataloader_crops(tmp_path):
     """crop_batches_on_device (run here on CPU tensors, as a GPU run would on device tensors) gives exactly the crops
     of the DataLoader path, with and without worker processes, for a fixed seed and every epoch."""
     voc_dir = make_voc_tree(tmp_path / "data", TINY_TRAIN_SIZES, [(32, 32)])
-    dataset = sd.VOCSegDataset(*sd.read_voc_images(voc_dir, "train"), crop_size=(32, 32))
+    dataset = data.read_split(voc_dir, "train", sd.VOC_COLORMAP, crop_size=(32, 32))
     # What train() builds for the on-device path: its own copies of the split (on the GPU there).
-    device_set = sd.VOCSegDataset([x.clone() for x in dataset.images], [y.clone() for y in dataset.labels],
+    device_set = sd.SegDataset([x.clone() for x in dataset.images], [y.clone() for y in dataset.labels],
                                   dataset.names, (32, 32))
 
     def epochs(make_batches, n: int = 2):

@@ -1,0 +1,102 @@
+"""Checkpoints: a state_dict plus plain config, class names and colours, loadable with weights_only=True."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from some_define import UsageError, build_model
+
+from .files import atomic_write
+from .speed import keep_transposed_convs_fp32_on_cpu
+
+
+def plain_config(values: dict) -> dict:
+    """Values as plain types only, so the checkpoint loads with weights_only=True."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+    return {k: plain(v) for k, v in values.items()}
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The plain module under DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            net = net.module
+        elif hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        else:
+            return net
+
+
+def make_checkpoint(net: nn.Module, model_name: str, class_names: Sequence[str], colormap: Sequence[Sequence[int]],
+                    config: dict, **extra) -> dict:
+    return {"model": model_name, "num_classes": len(class_names), "class_names": list(class_names),
+            "colormap": [list(c) for c in colormap], "config": config,
+            "state_dict": unwrap(net).state_dict(), **extra}
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint file as a dict, opened with weights_only=True (a pickle of anything else is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: checkpoint not found; train first or pass --checkpoint PATH")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path}: not a checkpoint of this project, refused ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model" not in checkpoint:
+        raise UsageError(f"{path}: not a checkpoint of this project (no model name or state_dict)")
+    return checkpoint
+
+
+def restore_model(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:
+    """The network a checkpoint names, with its weights (the FCN's transposed conv kept fp32 under CPU autocast)."""
+    net = build_model(checkpoint["model"], checkpoint["num_classes"], pretrained="none")
+    try:
+        net.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        raise UsageError(f"{path}: its weights do not fit a {checkpoint['model']} with {checkpoint['num_classes']} "
+                         f"classes ({str(e).splitlines()[0]})")
+    return keep_transposed_convs_fp32_on_cpu(net)
+
+
+def check_checkpoint_matches(checkpoint: dict, model: str, class_names: Sequence[str], path) -> None:
+    if checkpoint["model"] != model or checkpoint["num_classes"] != len(class_names):
+        raise UsageError(f"{path}: it holds a {checkpoint['model']} with {checkpoint['num_classes']} classes, "
+                         f"but this run asks for a {model} with {len(class_names)} classes")
+
+
+def check_classes_match(class_names: Sequence[str], colormap: Sequence[Sequence[int]], checkpoint: dict,
+                        classes_file: str) -> None:
+    names, colors = checkpoint["class_names"], [list(c) for c in checkpoint["colormap"]]
+    if len(class_names) != len(names):
+        raise UsageError(f"--classes {classes_file}: {len(class_names)} classes, but the checkpoint was trained on "
+                         f"{len(names)} ({', '.join(names)}); drop --classes to use the checkpoint's")
+    for i, (given, color, name, trained) in enumerate(zip(class_names, colormap, names, colors)):
+        if (given, list(color)) != (name, trained):
+            raise UsageError(f"--classes {classes_file}: class {i} is {given!r} {list(color)}, but the checkpoint's "
+                             f"is {name!r} {trained}; drop --classes to use the checkpoint's")
+
+
+def rng_states() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "python": torch.tensor(random.getstate()[1], dtype=torch.int64)}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in states["python"].tolist()), None))

@@ -1,0 +1,167 @@
+"""The command line of the scripts: their flags, the defaults --demo shrinks, and one-line errors."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from some_define import MODELS, VOID, UsageError
+
+from .data import VOC_TAR, VOC_URL, read_classes
+from .checkpoints import check_classes_match
+from .speed import try_all_gpus_or_cpu
+
+# With --demo, every default below that the user did not set shrinks to this, so a run takes minutes on a laptop CPU.
+DEMO_TRAIN_DEFAULTS = {"crop": [64, 64], "epochs": 12, "batch_size": 8, "pretrained": "none", "device": "cpu"}
+
+
+def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Run a script's main(); a UsageError becomes one line on stderr and exit 2 (``--debug`` shows the traceback)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except UsageError as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (the full usage stays behind --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
+def train_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The flags of both training scripts. Defaults are None here and filled in by finish_train_args, so that
+    --demo can shrink only what the user left unset."""
+    p = ArgumentParser(description=description)
+    data = p.add_argument_group("data")
+    data.add_argument("--voc-dir", help="VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012")
+    data.add_argument("--demo", action="store_true", help="use the built-in synthetic VOC-layout data (CPU, minutes)")
+    data.add_argument("--download", action="store_true",
+                      help=f"if the data is not there, fetch {VOC_TAR} (2 GB) into the parent folder of --voc-dir, "
+                      f"check its MD5 and extract VOCdevkit/VOC2012 there; an interrupted download resumes")
+    data.add_argument("--mirror", metavar="URL", help=f"where --download fetches the tar (default {VOC_URL})")
+    data.add_argument("--classes", metavar="FILE", help="your dataset's classes, one per line: 'name' or "
+                      "'name R G B' (index = line number; no colours: VOC's palette); default: VOC's 21")
+    data.add_argument("--ignore-index", type=int, metavar="K",
+                      help="label value K is void like 255 (e.g. CamVid's 'unlabelled' 11)")
+    data.add_argument("--train-split", default="train", metavar="NAME", help="ImageSets/Segmentation/NAME.txt")
+    data.add_argument("--val-split", default="val", metavar="NAME", help="ImageSets/Segmentation/NAME.txt")
+    data.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (the book: 320 480)")
+    data.add_argument("--void", choices=["background", "ignore"],
+                      help="void pixels: trained as background (the book) or ignored")
+    data.add_argument("--skip-bad", action="store_true",
+                      help="leave out unreadable or inconsistent examples with a warning (default: stop)")
+    data.add_argument("--workers", type=int, help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "
+                      "where crops are cheap and workers would compete with the training threads)")
+    model = p.add_argument_group("model and optimizer")
+    model.add_argument("--model", choices=list(MODELS))
+    model.add_argument("--pretrained", help="imagenet, none, or a path to resnet18-f37072fd.pth")
+    model.add_argument("--optimizer", choices=["sgd", "adam"])
+    model.add_argument("--lr", type=float)
+    model.add_argument("--wd", type=float, help="weight decay")
+    model.add_argument("--loss", choices=["sum", "mean"],
+                       help="sum: the book's per-image mean cross-entropy summed over the batch; mean: over pixels")
+    model.add_argument("--epochs", type=int)
+    model.add_argument("--batch-size", type=int)
+    model.add_argument("--finetune-from", metavar="CKPT",
+                       help="start from this checkpoint's weights with a fresh optimizer; the history continues")
+    speed = p.add_argument_group("speed and memory")
+    auto = ["auto", "on", "off"]
+    speed.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                       help="mixed precision (auto: bf16 on CUDA GPUs that have it and on CPUs with AMX, "
+                       "off elsewhere)")
+    speed.add_argument("--channels-last", choices=auto, default="auto",
+                       help="NHWC memory format (auto: on CUDA, and on the CPU with bf16)")
+    speed.add_argument("--data-on-device", choices=auto, default="auto",
+                       help="keep the uint8 training split in GPU memory and crop there (auto: on CUDA if it fits)")
+    speed.add_argument("--accum-steps", type=int, default=1,
+                       help="gradient accumulation: each step sees accum-steps batches of --batch-size")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                       help="under torchrun, BatchNorm statistics over the global batch")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first that exists)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--out", help="folder for history.csv, curves.png, last.pt and best.pt")
+    run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                     help="continue an interrupted run from OUT/last.pt (or CKPT)")
+    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
+    """Fill unset flags from the script's defaults (shrunk by --demo), then check their ranges."""
+    chosen = dict(defaults, **(DEMO_TRAIN_DEFAULTS if args.demo else {}))
+    for key, value in chosen.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.workers is None:
+        args.workers = min(4, os.cpu_count() or 1) if try_all_gpus_or_cpu(args.device).type == "cuda" else 0
+    checks = [(args.epochs >= 1, "--epochs must be at least 1"),
+              (args.batch_size >= 1, "--batch-size must be at least 1"),
+              (args.lr > 0, "--lr must be positive"),
+              (args.wd >= 0, "--wd must not be negative"),
+              (args.workers >= 0, "--workers must not be negative"),
+              (args.accum_steps >= 1, "--accum-steps must be at least 1"),
+              (args.ignore_index is None or 0 <= args.ignore_index < VOID,
+               f"--ignore-index must be a label value 0..{VOID - 1} ({VOID} is always void)"),
+              (args.mirror is None or args.download, "--mirror goes with --download"),
+              (not (args.download and args.demo), "--download and --demo do not go together"),
+              (all(c > 0 and c % 32 == 0 for c in args.crop),
+               f"--crop {args.crop[0]} {args.crop[1]}: both sides must be positive multiples of 32 "
+               f"(the networks downsample by 32)")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return args
+
+
+def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argparse.ArgumentParser:
+    p = ArgumentParser(description=description)
+    p.add_argument("--checkpoint", default=checkpoint)
+    p.add_argument("--voc-dir", help="dataset folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--demo", action="store_true", help="use the built-in synthetic data")
+    p.add_argument("--split", help="split to show or evaluate (default: the checkpoint's validation split)")
+    p.add_argument("--classes", metavar="FILE", help="the class file the checkpoint was trained with (checked "
+                   "against the classes the checkpoint carries)")
+    p.add_argument("--ignore-index", type=int, metavar="K", help="label value K is void (default: as in training)")
+    p.add_argument("--num", type=int, default=4, help="images in the figure")
+    p.add_argument("--figure", default=figure)
+    p.add_argument("--eval", action="store_true", help="full-resolution metrics over the whole split")
+    p.add_argument("--metrics", help="JSON file for --eval (default: next to the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision, as in training (auto: bf16 on CUDA GPUs that have it and on CPUs with AMX)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    own = p.add_argument_group("your own images")
+    own.add_argument("--images", nargs="+", metavar="PATH", help="predict these image files, folders or globs "
+                     "(JPEG/PNG, any size) instead of a dataset split")
+    own.add_argument("--save-dir", default="predictions", help="where --images writes NAME.png (class indices as a "
+                     "palette PNG) and NAME_overlay.jpg")
+    own.add_argument("--tta", action="store_true", help="with --images: average the logits with those of the "
+                     "mirrored image")
+    return p
+
+
+def finish_predict_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
+    """Fill --split and --ignore-index from the checkpoint's training run, and refuse a --classes file that
+    disagrees with the classes the checkpoint carries."""
+    config = checkpoint.get("config", {})
+    if args.split is None:
+        args.split = config.get("val_split", "val")
+    if args.ignore_index is None:
+        args.ignore_index = config.get("ignore_index")
+    if args.tta and not args.images:
+        raise UsageError("--tta applies to --images")
+    if args.images and args.eval:
+        raise UsageError("--images and --eval do not go together (--eval measures a dataset split)")
+    if args.classes:
+        check_classes_match(*read_classes(args.classes), checkpoint, args.classes)
+    return args

@@ -1,0 +1,125 @@
+"""--download: fetch PASCAL VOC 2012 (resumable, MD5-checked) and extract it atomically."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from some_define import UsageError
+
+from .data import VOC_TAR, VOC_URL, dataset_dir, find_voc_dir, is_voc_dir
+
+VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
+
+
+def download_file(url: str, path: Path) -> None:
+    """Fetch ``url`` into ``path`` through ``path.part`` with a progress bar. A .part left by an interrupted run is
+    continued with an HTTP Range request; a server that ignores the range (or a file:// URL) sends everything
+    again, and the .part then starts afresh. The .part becomes ``path`` only once complete."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    from tqdm import tqdm
+    part = path.with_name(path.name + ".part")
+    start = part.stat().st_size if part.is_file() else 0
+    total = None
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if response.status != 206:
+                start = 0
+            length = response.headers.get("Content-Length")
+            total = start + int(length) if length else None
+            with open(part, "ab" if start else "wb") as f, \
+                    tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name,
+                         dynamic_ncols=True) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        if not (e.code == 416 and start):   # 416: nothing left after the .part, which is therefore complete
+            raise UsageError(f"downloading {url} failed (HTTP {e.code} {e.reason}); try another --mirror URL")
+    except (OSError, http.client.HTTPException) as e:
+        raise UsageError(f"downloading {url} failed ({getattr(e, 'reason', e)}); run again to resume from the "
+                         f"{part.stat().st_size if part.is_file() else 0} bytes in {part}, or try another --mirror URL")
+    if total is not None and part.stat().st_size < total:
+        raise UsageError(f"downloading {url} stopped at {part.stat().st_size} of {total} bytes; run again to resume "
+                         f"from {part}")
+    os.replace(part, path)
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_voc_tar(tar_path: Path, root: Path) -> Path:
+    """Extract into a temporary folder inside ``root``, then move its VOCdevkit/VOC2012 into ``root/VOCdevkit``
+    in one rename: a failure leaves no half-extracted tree that could pass for the dataset."""
+    # Python's "data" filter refuses absolute paths, "..", links out of the tree and device files.
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extracting-"))
+    try:
+        try:
+            with tarfile.open(tar_path) as tar:
+                tar.extractall(tmp, **safe)
+        except (tarfile.TarError, OSError) as e:
+            raise UsageError(f"{tar_path}: cannot extract it ({e}); nothing was extracted")
+        extracted, target = tmp / "VOCdevkit" / "VOC2012", root / "VOCdevkit" / "VOC2012"
+        if not is_voc_dir(extracted):
+            raise UsageError(f"{tar_path}: it holds no VOCdevkit/VOC2012 with JPEGImages/, SegmentationClass/ and "
+                             f"ImageSets/Segmentation/; nothing was extracted")
+        target.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(extracted, target)
+        except OSError as e:
+            raise UsageError(f"{target} exists but is not a complete VOC2012 ({e.strerror}); move it away and run "
+                             f"again")
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download_voc(root: str | os.PathLike, url: str = VOC_URL, md5: str | None = None) -> Path:
+    """Fetch VOC_TAR into ``root`` (resuming a partial download), check its MD5 (``md5``, default VOC_MD5) and
+    extract it; return root/VOCdevkit/VOC2012. The tar is kept (2 GB; delete it once extracted if space is short)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tar_path = root / VOC_TAR
+    if not tar_path.is_file():
+        print(f"downloading {url} into {root}")
+        download_file(url, tar_path)
+    expected = md5 or VOC_MD5
+    print(f"checking the MD5 of {tar_path} ...")
+    actual = file_md5(tar_path)
+    if actual != expected:
+        tar_path.unlink()   # a wrong complete file cannot be resumed: the next run must fetch it afresh
+        raise UsageError(f"{tar_path}: MD5 {actual} is not the expected {expected}; removed it, run again to "
+                         f"download it afresh (or try another --mirror URL)")
+    print(f"extracting {tar_path} ...")
+    return extract_voc_tar(tar_path, root)
+
+
+def voc_dir_or_download(voc_dir: str | None, mirror: str | None) -> Path:
+    """The VOC folder at ``voc_dir``, fetched first into its parent folder if it is not there yet."""
+    voc_dir = Path(voc_dir or "VOC2012")
+    fetched = voc_dir.parent / "VOCdevkit" / "VOC2012"
+    try:
+        return find_voc_dir(voc_dir)
+    except UsageError:
+        if is_voc_dir(fetched):
+            return fetched
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # every process would write the same file
+        raise UsageError("--download under torchrun: fetch the data first with one process (python ... --download)")
+    return download_voc(voc_dir.parent, mirror or VOC_URL)
+
+
+def training_data_dir(voc_dir: str | None, demo: bool, download: bool, mirror: str | None) -> Path:
+    """The data a training run reads: the demo data, or the VOC-layout folder (fetched first with --download)."""
+    return voc_dir_or_download(voc_dir, mirror) if download else dataset_dir(voc_dir, demo)

@@ -1,0 +1,110 @@
+"""Your own images: full-resolution prediction to palette PNGs of class indices and overlays with a legend."""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from some_define import UsageError, colormap_lut, label2image, predict, read_image
+
+from .files import atomic_write
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def collect_image_paths(patterns: Sequence[str]) -> list[Path]:
+    """Files as given, the JPEG/PNG files directly inside folders, and glob matches; in order, without repeats."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif path.exists():
+            found = [path]
+        else:
+            found = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
+        if not found:
+            raise UsageError(f"--images {pattern}: no such file, and no image in such a folder or glob")
+        paths += found
+    return list(dict.fromkeys(paths))
+
+
+def prediction_paths(image: Path, save_dir: Path) -> tuple[Path, Path]:
+    return save_dir / f"{image.stem}.png", save_dir / f"{image.stem}_overlay.jpg"
+
+
+def check_prediction_paths(images: Sequence[Path], save_dir: Path) -> None:
+    """Refuse, before any work, two inputs that would write the same files, or an output that would replace an
+    input (a PNG predicted into its own folder)."""
+    inputs = {p.resolve() for p in images}
+    first_by_stem: dict[str, Path] = {}
+    for image in images:
+        other = first_by_stem.setdefault(image.stem, image)
+        if other != image:
+            raise UsageError(f"{other} and {image} would both be written as {image.stem}.png; predict them into "
+                             f"different --save-dir folders")
+        if any(out.resolve() in inputs for out in prediction_paths(image, save_dir)):
+            raise UsageError(f"--save-dir {save_dir}: the prediction of {image} would replace an input; choose "
+                             f"another --save-dir")
+
+
+def save_label_png(pred: torch.Tensor, colormap: Sequence[Sequence[int]], path: str | os.PathLike) -> None:
+    """Class indices (H x W) as a palette PNG: viewers show the class colours, PIL (np.array) reads the indices."""
+    im = Image.fromarray(pred.to(torch.uint8).cpu().numpy())
+    im.putpalette(colormap_lut(colormap).flatten().tolist())   # an 'L' image with a palette becomes 'P'
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def overlay_with_legend(image: torch.Tensor, pred: torch.Tensor, colormap: Sequence[Sequence[int]],
+                        class_names: Sequence[str], alpha: float = 0.5) -> Image.Image:
+    """The image (3 x H x W uint8) blended with the colours of its predicted classes, and on its right a legend of
+    the classes present."""
+    blended = Image.blend(Image.fromarray(image.permute(1, 2, 0).numpy()),
+                          Image.fromarray(label2image(pred, colormap).numpy()), alpha)
+    present = torch.unique(pred).tolist()
+    font = ImageFont.load_default(size=max(12, blended.height // 40))   # readable on photos and thumbnails alike
+    line = round(font.size * 1.5)
+    draw = ImageDraw.Draw(blended)
+    width = line + max(round(draw.textlength(class_names[c], font=font)) for c in present) + line
+    canvas = Image.new("RGB", (blended.width + width, max(blended.height, line * (len(present) + 1))), "white")
+    canvas.paste(blended)
+    draw = ImageDraw.Draw(canvas)
+    for row, c in enumerate(present):
+        x, y = blended.width + line // 2, line // 2 + row * line
+        draw.rectangle([x, y, x + font.size, y + font.size], fill=tuple(colormap[c]), outline="black")
+        draw.text((x + line, y), class_names[c], fill="black", font=font)
+    return canvas
+
+
+def predict_images(net: nn.Module, checkpoint: dict, patterns: Sequence[str], save_dir: str | os.PathLike,
+                   device: torch.device, tta: bool = False, **flags) -> None:
+    """For every image file, SAVE_DIR/NAME.png and SAVE_DIR/NAME_overlay.jpg at the input's full size, one image at
+    a time (a large photo needs only its own memory). An unreadable file is reported on one line and skipped; the
+    exit code is 2 at the end."""
+    from tqdm import tqdm
+    images = collect_image_paths(patterns)
+    save_dir = Path(save_dir)
+    check_prediction_paths(images, save_dir)
+    class_names, colormap = checkpoint["class_names"], checkpoint["colormap"]
+    failed = 0
+    for path in tqdm(images, desc="predicting", unit="image", dynamic_ncols=True):
+        try:
+            image = read_image(path, upright=True)
+        except UsageError as e:
+            tqdm.write(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        pred = predict(image, net, device, tta=tta, **flags).cpu()
+        label_path, overlay_path = prediction_paths(path, save_dir)
+        save_label_png(pred, colormap, label_path)
+        overlay = overlay_with_legend(image, pred, colormap, class_names)
+        atomic_write(overlay_path, lambda tmp: overlay.save(tmp, format="JPEG", quality=90))
+    print(f"wrote {len(images) - failed} predictions (NAME.png, NAME_overlay.jpg) to {save_dir}")
+    if failed:
+        raise UsageError(f"{failed} of {len(images)} images could not be read (see above); the others were written")

@@ -1,0 +1,118 @@
+"""Speed flags: the device, mixed precision, memory format, data on the GPU, and the fraction of the GPU's peak."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from some_define import UsageError
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, for the "fraction of peak" in the log.
+BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165,
+                    "4080": 97, "4070": 58, "4060": 30, "3090": 71, "3080": 60, "3070": 40, "3060": 25, "V100": 125}
+
+
+def try_all_gpus_or_cpu(name: str | None = None) -> torch.device:
+    """CUDA first, then Apple's MPS, then the CPU; ``name`` (e.g. 'cpu', 'cuda:1') overrides."""
+    if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_amx() -> bool:
+    """Intel AMX tiles (Sapphire Rapids and later): oneDNN runs bf16 convolutions on them several times faster than
+    fp32; CPUs without them run bf16 slower than fp32."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """'auto' = bf16 on CUDA GPUs that support it and on CPUs with AMX, off elsewhere (see benchmarks/RESULTS.md)."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def prefers_channels_last(device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+    """channels_last pays on CUDA and with bf16 on the CPU; in fp32 on the CPU its slower backward outweighs the
+    faster forward."""
+    return device.type == "cuda" or (device.type == "cpu" and amp_dtype == torch.bfloat16)
+
+
+def data_fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Keep the uint8 split on the GPU when it takes under a fifth of the card (VOC train: about 0.6 GB)."""
+    return device.type == "cuda" and nbytes < 0.2 * torch.cuda.get_device_properties(device).total_memory
+
+
+def resolve_speed_flags(amp: str, channels_last: str, data_on_device: str, device: torch.device,
+                        nbytes: int) -> dict:
+    """Turn the auto flags into choices for this device: amp_dtype, channels_last, data_on_device."""
+    auto = lambda flag, default: default if flag == "auto" else flag == "on"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # fixed crop sizes: let cuDNN pick its fastest kernels once
+    amp_dtype = resolve_amp(amp, device)
+    return {"amp_dtype": amp_dtype,
+            "channels_last": auto(channels_last, prefers_channels_last(device, amp_dtype)),
+            "data_on_device": auto(data_on_device, data_fits_on_device(nbytes, device))}
+
+
+def inference_flags(amp: str, device: torch.device) -> dict:
+    """amp and memory format for prediction, as training picks them by default. (No cuDNN autotuning here: photos
+    come in many sizes, and tuning a large one costs more time and memory than it saves.)"""
+    amp_dtype = resolve_amp(amp, device)
+    return {"amp_dtype": amp_dtype, "channels_last": prefers_channels_last(device, amp_dtype)}
+
+
+class CPUFloat32ConvTranspose2d(nn.ConvTranspose2d):
+    """A transposed conv that stays in fp32 under CPU autocast: oneDNN has no fast bf16 kernel for the FCN's
+    (kernel 64, stride 32) one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def keep_transposed_convs_fp32_on_cpu(net: nn.Module) -> nn.Module:
+    """Make every ConvTranspose2d a CPUFloat32ConvTranspose2d (same weights and state_dict), in place."""
+    for module in net.modules():
+        if type(module) is nn.ConvTranspose2d:
+            module.__class__ = CPUFloat32ConvTranspose2d
+    return net
+
+
+def bf16_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def train_flops_per_image(net: nn.Module, crop_hw: tuple[int, int], device: torch.device) -> float:
+    """Forward + backward FLOPs of one training image, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net = copy.deepcopy(net)   # the counting pass must not touch the real BatchNorm statistics or gradients
+    x = torch.zeros(1, 3, *crop_hw, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(x).sum().backward()
+    return float(counter.get_total_flops())

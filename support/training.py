@@ -1,0 +1,251 @@
+"""The training run behind both training scripts: data, model, resume and fine-tune, the epoch loop with Ctrl-C and
+NaN handling, and what each epoch writes (history.csv, curves.png, last.pt, best.pt)."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from some_define import (RandomCropBatchSampler, SegDataset, UsageError, build_model, collate_crops,
+                         crop_batches_on_device, evaluate, make_optimizer, plt_module, train_epoch)
+
+from .checkpoints import (check_checkpoint_matches, load_checkpoint, make_checkpoint, plain_config, rng_states,
+                          save_checkpoint, set_rng_states, unwrap)
+from .data import dataset_classes, read_split, to_device
+from .distributed import DistributedContext, wrap_for_training
+from .download import training_data_dir
+from .files import check_writable_dir, save_figure, write_history
+from .speed import bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed_flags, train_flops_per_image
+
+
+class TrainingStopped(UsageError):
+    """Training ended early on purpose (Ctrl-C) or because the loss diverged; the message says what to do next."""
+
+
+class StopOnInterrupt:
+    """The first Ctrl-C asks the loop to stop after the current step (which is then saved); a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        import signal
+        self.previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\ninterrupted: finishing this step and saving (Ctrl-C again to abort)", file=sys.stderr)
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:     # not the main thread: leave Ctrl-C alone
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resume_checkpoint_path(resume: str | None, out: Path, finetune_from: str | None) -> Path | None:
+    """--resume alone means OUT/last.pt; --resume PATH names the file."""
+    if not resume:
+        return None
+    path = out / "last.pt" if resume == "auto" else Path(resume)
+    if not path.is_file():
+        raise UsageError(f"--resume: {path} not found; nothing to resume (drop --resume to start afresh)")
+    if finetune_from:
+        raise UsageError("--resume and --finetune-from do not go together")
+    return path
+
+
+def training_batches(train_set: SegDataset, sampler: RandomCropBatchSampler, device: torch.device,
+                     data_on_device: bool, workers: int) -> Callable[[], Iterator]:
+    """A function that starts one epoch's batches: crops sliced on the GPU, or a DataLoader."""
+    if data_on_device:
+        device_set = to_device(train_set, device)
+        return lambda: crop_batches_on_device(device_set, sampler)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_crops,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0)
+    return lambda: iter(loader)
+
+
+def epoch_line(row: dict, epochs: int, device: torch.device, flops_per_image: float | None) -> str:
+    """The book's per-epoch summary, plus mIoU, speed, and on a GPU how close the speed is to the bf16 peak."""
+    line = (f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
+            f"val acc {row['val_acc']:.3f}, val mIoU {row['val_miou']:.3f}, "
+            f"{row['img_per_s']:.1f} examples/sec on {device}")
+    peak = bf16_peak_flops(device)
+    if peak and flops_per_image:
+        line += f" ({row['img_per_s'] * flops_per_image / peak:.1%} of bf16 peak)"
+    if device.type == "cuda":
+        line += f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return line
+
+
+def plot_curves(history: list[dict], title: str = ""):
+    """Loss and accuracy curves (as the original repository draws them) plus val mIoU; returns the figure."""
+    plt = plt_module()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "b-", label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["train_acc"] for h in history], "m--", label="train acc")
+    ax_acc.plot(epochs, [h["val_acc"] for h in history], "g-.", label="val acc")
+    ax_acc.plot(epochs, [h["val_miou"] for h in history], "k-", label="val mIoU")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def train(args: argparse.Namespace) -> list[dict]:
+    """Train args.model on the train split, validating on val after each epoch; write OUT/history.csv,
+    OUT/curves.png, OUT/last.pt (every epoch) and OUT/best.pt (best val mIoU). Returns the history."""
+    from tqdm import tqdm
+    ctx = DistributedContext(args.device)
+    device = ctx.device
+    seed_everything(args.seed)
+    data_dir = training_data_dir(args.voc_dir, args.demo, args.download, args.mirror)
+    class_names, colormap = dataset_classes(args.classes)
+    out = Path(args.out)
+    if ctx.is_main:
+        check_writable_dir(out, "--out")
+    if args.batch_size % ctx.world_size:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch and must divide evenly over "
+                         f"{ctx.world_size} processes")
+    log = print if ctx.is_main else (lambda *a, **k: None)
+    log(f"reading {data_dir} ...")
+    train_set = read_split(data_dir, args.train_split, colormap, args.ignore_index, args.skip_bad, args.crop)
+    val_set = read_split(data_dir, args.val_split, colormap, args.ignore_index, args.skip_bad, args.crop)
+    log(f"read {len(train_set)} training and {len(val_set)} validation examples "
+        f"({train_set.nbytes() / 2**20:.0f} MB as uint8)")
+    speed = resolve_speed_flags(args.amp, args.channels_last, args.data_on_device, device, train_set.nbytes())
+
+    # Weights: fresh, fine-tuned from another run (fresh optimizer), or resumed (everything restored).
+    resume = resume_checkpoint_path(args.resume, out, args.finetune_from)
+    start_from = resume or args.finetune_from
+    state = load_checkpoint(start_from) if start_from else None
+    # Weights that a checkpoint replaces need no ImageNet download (resuming offline must work).
+    net = build_model(args.model, len(class_names), "none" if start_from else args.pretrained)
+    history: list[dict] = []
+    if state is not None:
+        check_checkpoint_matches(state, args.model, class_names, start_from)
+        net.load_state_dict(state["state_dict"])
+        history = list(state.get("history", []))
+    keep_transposed_convs_fp32_on_cpu(net)
+    flops = train_flops_per_image(net.to(device), tuple(args.crop), device) if device.type == "cuda" else None
+    net = wrap_for_training(net, ctx, speed["channels_last"], args.sync_bn, args.compile)
+    optimizer = make_optimizer(args.optimizer, net.parameters(), args.lr, args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=speed["amp_dtype"] == torch.float16)
+
+    first_epoch, skip_steps, last_epoch = (history[-1]["epoch"] + 1 if history else 1), 0, None
+    partial, seconds_before = None, 0.0
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"])
+        first_epoch, skip_steps, last_epoch = state["epoch"] + 1, state["step"], state["last_epoch"]
+        if state.get("partial"):
+            partial = dict(state["partial"], steps=skip_steps)
+            seconds_before = partial.pop("seconds")
+        log(f"resuming {resume}: epoch {first_epoch}" + (f", step {skip_steps}" if skip_steps else ""))
+    last_epoch = last_epoch or first_epoch + args.epochs - 1
+
+    micro = args.batch_size // ctx.world_size
+    sampler = RandomCropBatchSampler(train_set, args.batch_size * args.accum_steps, seed=args.seed,
+                                     rank=ctx.rank, world_size=ctx.world_size)
+    batches = training_batches(train_set, sampler, device, speed["data_on_device"], args.workers)
+    val_share = val_set.shard(ctx.rank, ctx.world_size)   # every val image counted once over the processes
+    amp = str(speed["amp_dtype"]).replace("torch.", "") if speed["amp_dtype"] else "off"
+    log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(plain_config(vars(args)).items()) if k != "debug"))
+    log(f"device {device} x {ctx.world_size} process(es); amp {amp}, channels_last {speed['channels_last']}, "
+        f"data on device {speed['data_on_device']}, {args.batch_size * args.accum_steps} images per step")
+    best = max((h["val_miou"] for h in history), default=-1.0)
+
+    def checkpoint(epoch: int, step: int, partial_stats: dict | None) -> dict:
+        return make_checkpoint(net, args.model, class_names, colormap, plain_config(vars(args)), epoch=epoch,
+                               step=step, last_epoch=last_epoch, history=history, partial=partial_stats,
+                               optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng_states())
+
+    with StopOnInterrupt() as interrupt:
+        for epoch in range(first_epoch, last_epoch + 1):
+            sampler.set_epoch(epoch)
+            resumed = epoch == first_epoch and skip_steps
+            start = time.perf_counter() - (seconds_before if epoch == first_epoch else 0.0)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            bar = tqdm(total=len(sampler), initial=skip_steps if resumed else 0, leave=False,
+                       desc=f"epoch {epoch}/{last_epoch}", dynamic_ncols=True, disable=not ctx.is_main)
+
+            def on_step(totals: dict, loss: float) -> None:
+                step = totals["steps"]   # a resumed epoch's totals count the steps done before
+                loss = ctx.all_sum(loss)[0]   # every process sees the same loss, so all stop together
+                if not math.isfinite(loss):
+                    raise TrainingStopped(
+                        f"the loss became {loss} at epoch {epoch}, step {step}; {out / 'last.pt'} keeps the last good "
+                        f"epoch ({epoch - 1}); try a lower --lr (now {args.lr:g})")
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if interrupt.requested:
+                    if ctx.is_main:
+                        save_checkpoint(out / "last.pt", checkpoint(epoch - 1, step, dict(
+                            totals, steps=step, seconds=time.perf_counter() - start)))
+                    raise TrainingStopped(
+                        f"stopped at epoch {epoch}, step {step}, saved in {out / 'last.pt'}; continue with the same "
+                        f"command plus --resume")
+
+            # The sampler is seeded per epoch, so skipping replays exactly the steps a resumed run already did.
+            epoch_batches = itertools.islice(batches(), skip_steps, None) if resumed else batches()
+            totals = train_epoch(net, optimizer, epoch_batches, device=device, void=args.void,
+                                 reduction=args.loss, accum_steps=args.accum_steps, amp_dtype=speed["amp_dtype"],
+                                 scaler=scaler if scaler.is_enabled() else None,
+                                 channels_last=speed["channels_last"], world_size=ctx.world_size,
+                                 totals=partial if resumed else None, on_step=on_step)
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            loss_sum, correct, counted, seen = ctx.all_sum(totals["loss"], totals["correct"], totals["counted"],
+                                                           totals["seen"])
+            metrics = evaluate(unwrap(net), val_share, device, len(class_names), micro, speed["amp_dtype"],
+                               speed["channels_last"])
+            metrics.reduce_from_all_processes(device)
+            val = metrics.compute(class_names)
+            history.append({"epoch": epoch, "lr": args.lr, "train_loss": loss_sum / len(sampler),
+                            "train_acc": correct / max(counted, 1), "val_acc": val["pixel_acc"],
+                            "val_miou": val["miou"], "img_per_s": seen / seconds, "seconds": seconds})
+            log(epoch_line(history[-1], last_epoch, device, flops), flush=True)
+            if ctx.is_main:   # the checkpoint first: it is what a crash must not lose
+                save_checkpoint(out / "last.pt", checkpoint(epoch, 0, None))
+                if val["miou"] > best:
+                    best = val["miou"]
+                    save_checkpoint(out / "best.pt", checkpoint(epoch, 0, None))
+                write_history(history, out / "history.csv")
+                save_figure(plot_curves(history, title=f"{args.model}, {args.optimizer} lr {args.lr:g}"),
+                            out / "curves.png")
+    log(f"wrote {out / 'history.csv'}, {out / 'curves.png'}, {out / 'last.pt'}, {out / 'best.pt'}")
+    return history
