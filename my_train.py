@@ -32,7 +32,8 @@ PRESETS = {
     "unet-adam-1e-3": dict(optimizer="adam", lr=1e-3),
     "unet-adam-1e-4": dict(),                                                                     # the default
     "unet-adam-1e-4-ft-1e-5": dict(lr=1e-5, then="unet-adam-1e-4"),                               # 30 + 10 epochs
-    "unet-adam-1e-4-void-bg": dict(void="background"),                # what ignoring void buys
+    "unet-adam-1e-4-void-bg": dict(void="background", only_with_background=True),   # what ignoring void buys
+    "unet-adam-1e-4-mfw": dict(class_weights="median-freq"),          # what SegNet's class balancing buys
 }
 
 
@@ -41,11 +42,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=list(PRESETS), help="train one row of the study (output OUT/PRESET, "
                    "OUT defaulting to runs)")
     p.add_argument("--study", action="store_true", help="train and evaluate every preset, then write the study")
-    p.add_argument("--pictures", default="pictures", help="where --study writes study.md and study.png")
+    p.add_argument("--presets", nargs="+", choices=list(PRESETS), metavar="NAME",
+                   help="with --study: only these presets (default: all that make sense for the dataset)")
+    p.add_argument("--pictures", help="where --study writes study.md and study.png (default: pictures/ for VOC "
+                   "and the demo data, pictures/DATASET/ for others)")
     p.add_argument("--num", type=int, default=4, help="val images in study.png")
     args = p.parse_args(argv)
     if args.preset and args.study:
         raise UsageError("--preset and --study do not go together (--study runs every preset)")
+    if args.presets and not args.study:
+        raise UsageError("--presets goes with --study")
     return args
 
 
@@ -53,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     finetune_epochs = FINETUNE_EPOCHS["demo" if args.demo else "full"]
     if args.study:
-        run_study(args, PRESETS, DEFAULTS, finetune_epochs)
+        presets = {name: PRESETS[name] for name in args.presets} if args.presets else PRESETS
+        run_study(args, presets, DEFAULTS, finetune_epochs)
     elif args.preset:
         train_preset(args, args.preset, Path(args.out or "runs"), PRESETS, DEFAULTS, finetune_epochs)
     else:

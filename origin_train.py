@@ -18,6 +18,7 @@ DEFAULTS = {
     "wd": 1e-3,
     "loss": "sum",              # per-image mean cross-entropy summed over the batch, as the book's l.sum().backward()
     "void": "background",       # the book's colormap has no boundary colour, so void pixels are trained as class 0
+    "class_weights": "none",    # every class counts the same
     "epochs": 30,
     "batch_size": 32,
     "crop": [320, 480],

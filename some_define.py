@@ -484,17 +484,24 @@ def prepare_targets(labels: torch.Tensor, void: str) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str,
-                      num_valid: int | torch.Tensor | None = None) -> torch.Tensor:
+                      num_valid: int | torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """'sum' is the book's loss: each image's mean pixel cross-entropy, summed over the batch (its
     ``l.sum().backward()``). 'mean' is the mean over all labelled pixels; ``num_valid`` (the labelled pixels of the
-    whole optimizer batch) lets accumulated micro-batches add up to exactly that mean."""
-    pixel_loss = F.cross_entropy(logits.float(), targets, ignore_index=VOID, reduction="none")
-    valid = targets != VOID
+    whole optimizer batch) lets accumulated micro-batches add up to exactly that mean. With class ``weight``s each
+    pixel counts its class's weight, in the loss and in the denominators (as PyTorch's weighted mean)."""
+    pixel_loss = F.cross_entropy(logits.float(), targets, weight=weight, ignore_index=VOID, reduction="none")
+    valid = pixel_weights(targets, weight)
     if reduction == "sum":
-        per_image = pixel_loss.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
+        per_image = pixel_loss.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1e-12)
         return per_image.sum()
     num_valid = valid.sum() if num_valid is None else num_valid
-    return pixel_loss.sum() / torch.as_tensor(num_valid).clamp(min=1)
+    return pixel_loss.sum() / torch.as_tensor(num_valid).clamp(min=1e-12)
+
+
+def pixel_weights(targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """How much each pixel counts: 1 (or its class's weight) if labelled, 0 if void."""
+    valid = targets != VOID
+    return valid.float() if weight is None else weight[targets.masked_fill(~valid, 0)] * valid
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -543,16 +550,15 @@ class SegMetrics:
         present = [v for v in iou if v is not None]
         class_acc = [float(tp[c] / gt[c]) for c in range(self.num_classes) if gt[c] > 0]
         total = float(cm.sum())
-        return {
-            "pixel_acc": float(tp.sum()) / total if total else 0.0,
-            "mean_class_acc": sum(class_acc) / len(class_acc) if class_acc else 0.0,
-            "miou": sum(present) / len(present) if present else 0.0,
-            "per_class_iou": dict(zip(class_names, iou)),
-            # The book's accuracy: void pixels are labelled background (its colormap has no boundary colour).
-            "d2l_pixel_acc": (float(tp.sum()) + self.void_as_background) / (total + self.void_pixels)
-            if total + self.void_pixels else 0.0,
-            "confusion_matrix": self.confusion.tolist(),
-        }
+        metrics = {"pixel_acc": float(tp.sum()) / total if total else 0.0,
+                   "mean_class_acc": sum(class_acc) / len(class_acc) if class_acc else 0.0,
+                   "miou": sum(present) / len(present) if present else 0.0,
+                   "per_class_iou": dict(zip(class_names, iou)),
+                   "confusion_matrix": self.confusion.tolist()}
+        if class_names[0] == "background":   # the book's accuracy: void pixels labelled background, as it reads them
+            metrics["d2l_pixel_acc"] = (float(tp.sum()) + self.void_as_background) / (total + self.void_pixels) \
+                if total + self.void_pixels else 0.0
+        return metrics
 
 
 def image_miou(pred: torch.Tensor, label: torch.Tensor, num_classes: int, class_names: Sequence[str]) -> float:
@@ -585,13 +591,14 @@ def to_device_batch(images: torch.Tensor, device: torch.device, channels_last: b
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
                device: torch.device, void: str, reduction: str, accum_steps: int = 1,
                amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-               channels_last: bool = False, world_size: int = 1) -> tuple[float, int, int]:
+               channels_last: bool = False, world_size: int = 1,
+               class_weights: torch.Tensor | None = None) -> tuple[float, int, int]:
     """One optimizer step on this process's share of a batch, in ``accum_steps`` micro-batches whose gradients add
     up to the whole batch's. Returns (this process's share of the batch loss, correct pixels, labelled pixels)."""
     targets_all = prepare_targets(labels.to(device, non_blocking=True), void)
     num_valid = None
     if reduction == "mean":   # the denominator of the whole batch, over every micro-batch and process
-        num_valid = (targets_all != VOID).sum()
+        num_valid = pixel_weights(targets_all, class_weights).sum()
         if world_size > 1:
             import torch.distributed as dist
             dist.all_reduce(num_valid)
@@ -607,7 +614,7 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
                 logits = net(to_device_batch(images_mb, device, channels_last))
             # DDP averages gradients over processes; times world_size, the step is a single process's on the
             # whole (global) batch, for the summed loss and the mean alike.
-            loss = segmentation_loss(logits, targets, reduction, num_valid) * world_size
+            loss = segmentation_loss(logits, targets, reduction, num_valid, class_weights) * world_size
             (scaler.scale(loss) if scaler else loss).backward()
         valid = targets != VOID
         totals += torch.stack([loss.detach(), ((logits.argmax(1) == targets) & valid).sum(), valid.sum()])
@@ -626,7 +633,8 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
 def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, device: torch.device,
                 void: str, reduction: str, accum_steps: int = 1, amp_dtype: torch.dtype | None = None,
                 scaler: torch.amp.GradScaler | None = None, channels_last: bool = False, world_size: int = 1,
-                totals: dict | None = None, on_step: Callable[[dict, float], None] | None = None) -> dict:
+                class_weights: torch.Tensor | None = None, totals: dict | None = None,
+                on_step: Callable[[dict, float], None] | None = None) -> dict:
     """One pass over ``batches``: returns the totals (loss shares, correct and labelled pixels, images, steps),
     continuing ``totals`` if given. ``on_step(totals, loss)`` runs after every step (progress, stopping)."""
     totals = dict(totals or {"loss": 0.0, "correct": 0, "counted": 0, "seen": 0, "steps": 0})
@@ -634,7 +642,8 @@ def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Itera
     for images, labels in batches:
         loss, correct, counted = train_step(net, optimizer, images, labels, device=device, void=void,
                                             reduction=reduction, accum_steps=accum_steps, amp_dtype=amp_dtype,
-                                            scaler=scaler, channels_last=channels_last, world_size=world_size)
+                                            scaler=scaler, channels_last=channels_last, world_size=world_size,
+                                            class_weights=class_weights)
         for key, value in (("loss", loss), ("correct", correct), ("counted", counted), ("seen", len(images)),
                            ("steps", 1)):
             totals[key] += value
@@ -723,18 +732,4 @@ def show_images(rows: Sequence[Sequence[torch.Tensor]], row_titles: Sequence[str
         axes[r][0].set_ylabel(row_titles[r])
     fig.tight_layout()
     return fig
-
-
-def prediction_figure(models: Sequence[tuple[str, nn.Module]], data: SegDataset, colormap: Sequence[Sequence[int]],
-                      class_names: Sequence[str], device: torch.device, batch_size: int = 8, **flags):
-    """Rows: image, ground truth, then one row per model, each panel titled with that image's mIoU."""
-    images, labels = data.images, data.labels
-    rows = [[x.permute(1, 2, 0) for x in images], [label2image(y, colormap) for y in labels]]
-    titles = [list(data.names), []]
-    for _, net in models:
-        preds = dict(predict_full_res(net, images, device, batch_size, **flags))
-        rows.append([label2image(preds[i], colormap) for i in range(len(images))])
-        titles.append([f"mIoU {image_miou(preds[i], labels[i], len(class_names), class_names):.2f}"
-                       for i in range(len(images))])
-    return show_images(rows, ["image", "ground truth", *[name for name, _ in models]], titles)
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 from some_define import MODELS, VOID, UsageError
 
-from .data import VOC_TAR, VOC_URL, read_classes
+from .data import VOC_TAR, VOC_URL, dataset_classes, read_classes
 from .checkpoints import check_classes_match
 from .speed import try_all_gpus_or_cpu
 
@@ -40,7 +40,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     --demo can shrink only what the user left unset."""
     p = ArgumentParser(description=description)
     data = p.add_argument_group("data")
-    data.add_argument("--voc-dir", help="VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012")
+    data.add_argument("--voc-dir", help="VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012, or a "
+                      "folder with train.txt/val.txt lists of 'image mask' pairs (SegNet/CamVid layout)")
     data.add_argument("--demo", action="store_true", help="use the built-in synthetic VOC-layout data (CPU, minutes)")
     data.add_argument("--download", action="store_true",
                       help=f"if the data is not there, fetch {VOC_TAR} (2 GB) into the parent folder of --voc-dir, "
@@ -50,11 +51,17 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
                       "'name R G B' (index = line number; no colours: VOC's palette); default: VOC's 21")
     data.add_argument("--ignore-index", type=int, metavar="K",
                       help="label value K is void like 255 (e.g. CamVid's 'unlabelled' 11)")
-    data.add_argument("--train-split", default="train", metavar="NAME", help="ImageSets/Segmentation/NAME.txt")
-    data.add_argument("--val-split", default="val", metavar="NAME", help="ImageSets/Segmentation/NAME.txt")
+    data.add_argument("--train-split", default="train", metavar="NAME",
+                      help="ImageSets/Segmentation/NAME.txt, or NAME.txt of a folder of 'image mask' pair lists")
+    data.add_argument("--val-split", default="val", metavar="NAME",
+                      help="ImageSets/Segmentation/NAME.txt, or NAME.txt of a folder of 'image mask' pair lists")
     data.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (the book: 320 480)")
     data.add_argument("--void", choices=["background", "ignore"],
-                      help="void pixels: trained as background (the book) or ignored")
+                      help="void pixels: trained as background (the book; only where class 0 is 'background') or "
+                      "ignored")
+    data.add_argument("--class-weights", choices=["none", "median-freq"],
+                      help="weigh each class in the loss: none, or SegNet's median-frequency balancing computed from "
+                      "the training masks (rare classes count more)")
     data.add_argument("--skip-bad", action="store_true",
                       help="leave out unreadable or inconsistent examples with a warning (default: stop)")
     data.add_argument("--workers", type=int, help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "
@@ -88,6 +95,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first that exists)")
     run.add_argument("--seed", type=int)
+    run.add_argument("--val-every", type=int, default=1, metavar="N",
+                     help="validate every N epochs and after the last (validation at full resolution costs time)")
     run.add_argument("--out", help="folder for history.csv, curves.png, last.pt and best.pt")
     run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                      help="continue an interrupted run from OUT/last.pt (or CKPT)")
@@ -97,6 +106,7 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
 
 def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
     """Fill unset flags from the script's defaults (shrunk by --demo), then check their ranges."""
+    void_given = args.void
     chosen = dict(defaults, **(DEMO_TRAIN_DEFAULTS if args.demo else {}))
     for key, value in chosen.items():
         if getattr(args, key, None) is None:
@@ -109,6 +119,7 @@ def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Name
               (args.wd >= 0, "--wd must not be negative"),
               (args.workers >= 0, "--workers must not be negative"),
               (args.accum_steps >= 1, "--accum-steps must be at least 1"),
+              (args.val_every >= 1, "--val-every must be at least 1"),
               (args.ignore_index is None or 0 <= args.ignore_index < VOID,
                f"--ignore-index must be a label value 0..{VOID - 1} ({VOID} is always void)"),
               (args.mirror is None or args.download, "--mirror goes with --download"),
@@ -119,7 +130,21 @@ def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Name
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    args.void = void_rule(args.void, void_given, dataset_classes(args.classes)[0][0])
     return args
+
+
+def void_rule(void: str, void_given: str | None, first_class: str) -> str:
+    """The book trains void pixels as class 0, which only means something where class 0 is 'background': there a
+    default of 'background' becomes 'ignore' (said once), and an explicit --void background is an error."""
+    if void != "background" or first_class == "background":
+        return void
+    if void_given == "background":
+        raise UsageError(f"--void background trains void pixels as class 0, which is {first_class!r} here, not a "
+                         f"background; use --void ignore")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: class 0 is {first_class!r}, not 'background', so void pixels are ignored (--void ignore)")
+    return "ignore"
 
 
 def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argparse.ArgumentParser:

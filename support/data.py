@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from some_define import (VOC_CLASSES, VOC_COLORMAP, VOID, SegDataset, UsageError, read_examples, voc_palette,
@@ -19,9 +20,14 @@ def is_voc_dir(path: Path) -> bool:
         and (path / "ImageSets" / "Segmentation").is_dir()
 
 
-def find_voc_dir(path: str | os.PathLike) -> Path:
-    """Accept a VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012. A path named VOC2012 is also
-    looked for in ../VOCdevkit/, where --download extracts it."""
+def is_pair_list_dir(path: Path) -> bool:
+    """A folder of ``image mask`` pair lists (SegNet/CamVid style): NAME.txt files and no VOC tree."""
+    return path.is_dir() and not is_voc_dir(path) and any(path.glob("*.txt"))
+
+
+def find_dataset_dir(path: str | os.PathLike) -> Path:
+    """A VOC2012 folder (or a folder holding VOC2012 or VOCdevkit/VOC2012; a path named VOC2012 is also looked for
+    in ../VOCdevkit/, where --download extracts it), else a folder of pair lists."""
     path = Path(path)
     candidates = [path, path / "VOC2012", path / "VOCdevkit" / "VOC2012"]
     if path.name == "VOC2012":
@@ -29,19 +35,50 @@ def find_voc_dir(path: str | os.PathLike) -> Path:
     for candidate in candidates:
         if is_voc_dir(candidate):
             return candidate
+    if is_pair_list_dir(path):
+        return path
     tried = ", ".join(str(c) for c in candidates)
     raise UsageError(
-        f"no VOC dataset found (tried {tried}); expected a VOC2012 folder with JPEGImages/, SegmentationClass/ and "
-        f"ImageSets/Segmentation/{{train,val}}.txt, from {VOC_TAR} (2 GB, {VOC_URL}); pass --voc-dir PATH, "
-        f"train with --download to fetch it, or run with --demo to use the built-in synthetic data")
+        f"no dataset found (tried {tried}); expected a VOC2012 folder with JPEGImages/, SegmentationClass/ and "
+        f"ImageSets/Segmentation/{{train,val}}.txt, from {VOC_TAR} (2 GB, {VOC_URL}), or a folder with "
+        f"train.txt/val.txt lists of 'image mask' pairs; pass --voc-dir PATH, train with --download to fetch VOC, "
+        f"or run with --demo to use the built-in synthetic data")
+
+
+def resolve_listed_path(data_dir: Path, text: str) -> Path:
+    """A path from a pair list: relative to the dataset folder; an absolute one that does not exist (the SegNet
+    tutorial's lists name /SegNet/CamVid/train/X.png) is looked for in the dataset folder by its last two parts."""
+    path = Path(text)
+    if not path.is_absolute():
+        return data_dir / path
+    return path if path.exists() else data_dir.joinpath(*path.parts[-2:])
+
+
+def pair_list_files(data_dir: Path, split: str) -> list[tuple[str, Path, Path]]:
+    """(name, image file, mask file) of every ``image mask`` line of DATA_DIR/SPLIT.txt."""
+    split_file = data_dir / f"{split}.txt"
+    if not split_file.is_file():
+        raise UsageError(f"{split_file}: split file not found; check --voc-dir or the split name")
+    files = []
+    for number, line in enumerate(split_file.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise UsageError(f"{split_file}, line {number}: expected 'image mask' (two paths), got {line.strip()!r}")
+        image, mask = (resolve_listed_path(data_dir, field) for field in fields)
+        files.append((image.stem, image, mask))
+    if not files:
+        raise UsageError(f"{split_file}: the split is empty")
+    return files
 
 
 def dataset_dir(voc_dir: str | None, demo: bool) -> Path:
-    """The demo data (generated on first use) or the VOC-layout folder at ``voc_dir``."""
+    """The demo data (generated on first use) or the dataset folder at ``voc_dir``."""
     if demo:
         from .demo import make_demo_voc
         return make_demo_voc()
-    return find_voc_dir(voc_dir or "VOC2012")
+    return find_dataset_dir(voc_dir or "VOC2012")
 
 
 def read_classes(path: str | os.PathLike) -> tuple[list[str], list[list[int]]]:
@@ -84,8 +121,10 @@ def dataset_classes(classes_file: str | None) -> tuple[list[str], list[list[int]
 def read_split(data_dir: str | os.PathLike, split: str, colormap: Sequence[Sequence[int]],
                ignore_index: int | None = None, skip_bad: bool = False,
                crop_size: tuple[int, int] = (320, 480)) -> SegDataset:
-    """A split of a dataset folder, its labels read as indices of ``colormap``'s classes."""
-    files = voc_split_files(data_dir, split)
+    """A split of a dataset folder (VOC layout or pair lists), its labels read as indices of ``colormap``'s
+    classes."""
+    data_dir = Path(data_dir)
+    files = voc_split_files(data_dir, split) if is_voc_dir(data_dir) else pair_list_files(data_dir, split)
     examples = read_examples(files, colormap, ignore_index, skip_bad, source=f"the {split} split")
     return SegDataset(*examples, crop_size=crop_size)
 
@@ -99,3 +138,19 @@ def to_device(data: SegDataset, device: torch.device) -> SegDataset:
 def first_examples(data: SegDataset, n: int) -> SegDataset:
     """The first ``n`` examples of a split (for figures)."""
     return SegDataset(data.images[:n], data.labels[:n], data.names[:n], data.crop_size)
+
+
+def median_frequency_weights(labels: Sequence[torch.Tensor], num_classes: int) -> list[float]:
+    """SegNet's class balancing: median(freq) / freq(c), where freq(c) is the pixels of class c over the pixels of
+    the images that contain c (void left out). A class absent from every mask gets 0 (it is never a target)."""
+    pixels, pixels_where_present = torch.zeros(num_classes, dtype=torch.float64), torch.zeros(num_classes,
+                                                                                             dtype=torch.float64)
+    for label in labels:
+        counts = torch.bincount(label[label != VOID].long().flatten(), minlength=num_classes)[:num_classes].double()
+        pixels += counts
+        pixels_where_present += (counts > 0) * counts.sum()
+    present = pixels > 0
+    freq = pixels[present] / pixels_where_present[present]
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = float(np.median(freq.numpy())) / freq
+    return weights.tolist()

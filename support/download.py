@@ -10,7 +10,7 @@ from pathlib import Path
 
 from some_define import UsageError
 
-from .data import VOC_TAR, VOC_URL, dataset_dir, find_voc_dir, is_voc_dir
+from .data import VOC_TAR, VOC_URL, dataset_dir, find_dataset_dir, is_voc_dir
 
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 
@@ -111,7 +111,7 @@ def voc_dir_or_download(voc_dir: str | None, mirror: str | None) -> Path:
     voc_dir = Path(voc_dir or "VOC2012")
     fetched = voc_dir.parent / "VOCdevkit" / "VOC2012"
     try:
-        return find_voc_dir(voc_dir)
+        return find_dataset_dir(voc_dir)
     except UsageError:
         if is_voc_dir(fetched):
             return fetched

@@ -9,12 +9,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from some_define import SegDataset, evaluate, prediction_figure
+from some_define import SegDataset, evaluate
 
 from .checkpoints import load_checkpoint, restore_model
 from .cli import finish_predict_args
 from .data import dataset_dir, first_examples, read_split
 from .export import predict_images
+from .figures import prediction_figure
 from .files import save_figure, write_json
 from .speed import inference_flags, try_all_gpus_or_cpu
 
@@ -49,8 +50,9 @@ def metrics_table(columns: dict[str, dict], class_names: Sequence[str]) -> str:
     lines = [" " * width + "".join(f"{n[:10]:>11}" for n in names)]
     for c in class_names:
         lines.append(f"{c:<{width}}" + "".join(f"{fmt(columns[n]['per_class_iou'][c]):>11}" for n in names))
-    for key in ("pixel_acc", "d2l_pixel_acc", "mean_class_acc", "miou"):
-        lines.append(f"{key:<{width}}" + "".join(f"{fmt(columns[n][key]):>11}" for n in names))
+    for key in ("pixel_acc", "d2l_pixel_acc", "mean_class_acc", "miou"):   # d2l_pixel_acc: with a background class
+        if any(key in columns[n] for n in names):
+            lines.append(f"{key:<{width}}" + "".join(f"{fmt(columns[n].get(key)):>11}" for n in names))
     return "\n".join(lines)
 
 

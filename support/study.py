@@ -6,11 +6,11 @@ import copy
 import time
 from pathlib import Path
 
-from some_define import prediction_figure
 
 from .cli import finish_train_args
-from .data import dataset_classes, first_examples, read_split
+from .data import dataset_classes, first_examples, is_voc_dir, read_split
 from .download import training_data_dir
+from .figures import prediction_figure, study_curves
 from .files import read_json, save_figure, write_json, write_text
 from .prediction import open_model, split_metrics
 from .speed import inference_flags, try_all_gpus_or_cpu
@@ -22,6 +22,7 @@ def preset_args(args: argparse.Namespace, name: str, out: Path, presets: dict, d
     """The arguments of one preset: the user's flags win, then the preset, then the defaults."""
     preset = dict(presets[name])
     then = preset.pop("then", None)
+    preset.pop("only_with_background", None)
     run = copy.copy(args)
     run.out = str(out / name)
     if then:
@@ -43,15 +44,19 @@ def train_preset(args: argparse.Namespace, name: str, out: Path, presets: dict, 
 
 
 def run_study(args: argparse.Namespace, presets: dict, defaults: dict, finetune_epochs: int) -> None:
-    """Train and evaluate every preset; a preset whose eval.json exists is done and skipped on a rerun."""
+    """Train and evaluate every preset that makes sense for the dataset; a preset whose eval.json exists is done
+    and skipped on a rerun."""
     out = Path(args.out or "runs/study")
     device = try_all_gpus_or_cpu(args.device or ("cpu" if args.demo else None))
     flags = inference_flags(args.amp, device)
     data_dir = training_data_dir(args.voc_dir, args.demo, args.download, args.mirror)
-    _, colormap = dataset_classes(args.classes)
+    class_names, colormap = dataset_classes(args.classes)
     val_set = read_split(data_dir, args.val_split, colormap, args.ignore_index)
     rows, models = [], []
-    for name in presets:
+    for name, preset in presets.items():
+        if preset.get("only_with_background") and class_names[0] != "background":
+            print(f"=== preset {name}: left out, class 0 is {class_names[0]!r}, not a background")
+            continue
         result_path = out / name / "eval.json"
         done = result_path.is_file()
         started = time.perf_counter()
@@ -66,18 +71,24 @@ def run_study(args: argparse.Namespace, presets: dict, defaults: dict, finetune_
                         "wall_seconds": time.perf_counter() - started, **metrics}, result_path)
         rows.append(read_json(result_path))
         models.append((name, net))
-    pictures = Path(args.pictures)
-    data = "synthetic demo data (random-init backbones)" if args.demo else f"VOC2012 at {args.voc_dir or 'VOC2012'}"
-    write_text(study_table(rows, data), pictures / "study.md")
-    save_figure(prediction_figure(models, first_examples(val_set, args.num), checkpoint["colormap"], checkpoint["class_names"], device, **flags),
+    pictures = Path(args.pictures) if args.pictures else study_pictures_dir(args.demo, data_dir)
+    what = "synthetic demo data (random-init backbones)" if args.demo else f"{data_dir.name} ({data_dir})"
+    write_text(study_table(rows, what), pictures / "study.md")
+    save_figure(prediction_figure(models, first_examples(val_set, args.num), colormap, class_names, device, **flags),
                 pictures / "study.png")
-    print(f"wrote {pictures / 'study.md'} and {pictures / 'study.png'}")
+    save_figure(study_curves({r["preset"]: r["history"] for r in rows}, what), pictures / "study_curves.png")
+    print(f"wrote {pictures / 'study.md'}, {pictures / 'study.png'} and {pictures / 'study_curves.png'}")
+
+
+def study_pictures_dir(demo: bool, data_dir: Path) -> Path:
+    """pictures/ for VOC and the demo data; pictures/DATASET/ for others, so their studies leave those alone."""
+    return Path("pictures") if demo or is_voc_dir(data_dir) else Path("pictures") / data_dir.name.lower()
 
 
 def study_table(rows: list[dict], data: str) -> str:
     """study.md: one row per preset, then per-class IoU."""
-    head = ["preset", "network", "optimizer", "lr", "loss", "void", "epochs", "pixel acc", "d2l pixel acc", "mIoU",
-            "train time (s)", "images/s"]
+    head = ["preset", "network", "optimizer", "lr", "loss", "void", "class weights", "epochs", "pixel acc",
+            "d2l pixel acc", "mean class acc", "mIoU", "train time (s)", "images/s"]
     lines = [f"# The study on {data}", "", "Validation metrics at full resolution over the whole val split.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -86,8 +97,10 @@ def study_table(rows: list[dict], data: str) -> str:
         epochs = f"{len(h) - len(own)}+{len(own)}" if c.get("finetune_from") else str(len(h))
         seconds = sum(float(e["seconds"]) for e in h)
         speed = sum(float(e["img_per_s"]) for e in own) / len(own)
+        d2l = f"{r['d2l_pixel_acc']:.3f}" if "d2l_pixel_acc" in r else "-"   # only with a background class
         lines.append(f"| {r['preset']} | {c['model']} | {c['optimizer']} | {c['lr']:g} | {c['loss']} | {c['void']} | "
-                     f"{epochs} | {r['pixel_acc']:.3f} | {r['d2l_pixel_acc']:.3f} | {r['miou']:.3f} | "
+                     f"{c.get('class_weights', 'none')} | "
+                     f"{epochs} | {r['pixel_acc']:.3f} | {d2l} | {r['mean_class_acc']:.3f} | {r['miou']:.3f} | "
                      f"{seconds:.0f} | {speed:.1f} |")
     classes = [k for k in rows[0]["per_class_iou"] if any(r["per_class_iou"][k] is not None for r in rows)]
     lines += ["", "Per-class IoU (classes absent from the val split and from every prediction are left out):", "",

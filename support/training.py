@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from some_define import (RandomCropBatchSampler, SegDataset, UsageError, build_model, collate_crops,
-                         crop_batches_on_device, evaluate, make_optimizer, plt_module, train_epoch)
+                         crop_batches_on_device, evaluate, make_optimizer, train_epoch)
 
 from .checkpoints import (check_checkpoint_matches, load_checkpoint, make_checkpoint, plain_config, rng_states,
                           save_checkpoint, set_rng_states, unwrap)
-from .data import dataset_classes, read_split, to_device
+from .data import dataset_classes, median_frequency_weights, read_split, to_device
 from .distributed import DistributedContext, wrap_for_training
 from .download import training_data_dir
+from .figures import plot_curves
 from .files import check_writable_dir, save_figure, write_history
 from .speed import bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed_flags, train_flops_per_image
 
@@ -90,35 +91,16 @@ def training_batches(train_set: SegDataset, sampler: RandomCropBatchSampler, dev
 
 def epoch_line(row: dict, epochs: int, device: torch.device, flops_per_image: float | None) -> str:
     """The book's per-epoch summary, plus mIoU, speed, and on a GPU how close the speed is to the bf16 peak."""
-    line = (f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
-            f"val acc {row['val_acc']:.3f}, val mIoU {row['val_miou']:.3f}, "
-            f"{row['img_per_s']:.1f} examples/sec on {device}")
+    line = f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
+    if row["val_miou"] is not None:
+        line += f"val acc {row['val_acc']:.3f}, val mIoU {row['val_miou']:.3f}, "
+    line += f"{row['img_per_s']:.1f} examples/sec on {device}"
     peak = bf16_peak_flops(device)
     if peak and flops_per_image:
         line += f" ({row['img_per_s'] * flops_per_image / peak:.1%} of bf16 peak)"
     if device.type == "cuda":
         line += f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     return line
-
-
-def plot_curves(history: list[dict], title: str = ""):
-    """Loss and accuracy curves (as the original repository draws them) plus val mIoU; returns the figure."""
-    plt = plt_module()
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "b-", label="train loss")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [h["train_acc"] for h in history], "m--", label="train acc")
-    ax_acc.plot(epochs, [h["val_acc"] for h in history], "g-.", label="val acc")
-    ax_acc.plot(epochs, [h["val_miou"] for h in history], "k-", label="val mIoU")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylim(0, 1)
-    ax_acc.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
 
 
 def train(args: argparse.Namespace) -> list[dict]:
@@ -143,6 +125,13 @@ def train(args: argparse.Namespace) -> list[dict]:
     log(f"read {len(train_set)} training and {len(val_set)} validation examples "
         f"({train_set.nbytes() / 2**20:.0f} MB as uint8)")
     speed = resolve_speed_flags(args.amp, args.channels_last, args.data_on_device, device, train_set.nbytes())
+    config = plain_config(vars(args))
+    class_weights = None
+    if args.class_weights == "median-freq":
+        config["class_weight_values"] = median_frequency_weights(train_set.labels, len(class_names))
+        class_weights = torch.tensor(config["class_weight_values"], dtype=torch.float32, device=device)
+        log("class weights (median frequency): " + ", ".join(
+            f"{name} {w:.2f}" for name, w in zip(class_names, config["class_weight_values"])))
 
     # Weights: fresh, fine-tuned from another run (fresh optimizer), or resumed (everything restored).
     resume = resume_checkpoint_path(args.resume, out, args.finetune_from)
@@ -181,13 +170,14 @@ def train(args: argparse.Namespace) -> list[dict]:
     batches = training_batches(train_set, sampler, device, speed["data_on_device"], args.workers)
     val_share = val_set.shard(ctx.rank, ctx.world_size)   # every val image counted once over the processes
     amp = str(speed["amp_dtype"]).replace("torch.", "") if speed["amp_dtype"] else "off"
-    log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(plain_config(vars(args)).items()) if k != "debug"))
+    log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items()) if k not in ("debug",
+                                                                                             "class_weight_values")))
     log(f"device {device} x {ctx.world_size} process(es); amp {amp}, channels_last {speed['channels_last']}, "
         f"data on device {speed['data_on_device']}, {args.batch_size * args.accum_steps} images per step")
-    best = max((h["val_miou"] for h in history), default=-1.0)
+    best = max((h["val_miou"] for h in history if h["val_miou"] is not None), default=-1.0)
 
     def checkpoint(epoch: int, step: int, partial_stats: dict | None) -> dict:
-        return make_checkpoint(net, args.model, class_names, colormap, plain_config(vars(args)), epoch=epoch,
+        return make_checkpoint(net, args.model, class_names, colormap, config, epoch=epoch,
                                step=step, last_epoch=last_epoch, history=history, partial=partial_stats,
                                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng_states())
 
@@ -198,8 +188,10 @@ def train(args: argparse.Namespace) -> list[dict]:
             start = time.perf_counter() - (seconds_before if epoch == first_epoch else 0.0)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            # A progress bar only on a terminal: redirected to a log (nohup ... > log), its frames would fill it.
             bar = tqdm(total=len(sampler), initial=skip_steps if resumed else 0, leave=False,
-                       desc=f"epoch {epoch}/{last_epoch}", dynamic_ncols=True, disable=not ctx.is_main)
+                       desc=f"epoch {epoch}/{last_epoch}", dynamic_ncols=True,
+                       disable=not (ctx.is_main and sys.stderr.isatty()))
 
             def on_step(totals: dict, loss: float) -> None:
                 step = totals["steps"]   # a resumed epoch's totals count the steps done before
@@ -224,24 +216,26 @@ def train(args: argparse.Namespace) -> list[dict]:
                                  reduction=args.loss, accum_steps=args.accum_steps, amp_dtype=speed["amp_dtype"],
                                  scaler=scaler if scaler.is_enabled() else None,
                                  channels_last=speed["channels_last"], world_size=ctx.world_size,
-                                 totals=partial if resumed else None, on_step=on_step)
+                                 class_weights=class_weights, totals=partial if resumed else None, on_step=on_step)
             bar.close()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
             loss_sum, correct, counted, seen = ctx.all_sum(totals["loss"], totals["correct"], totals["counted"],
                                                            totals["seen"])
-            metrics = evaluate(unwrap(net), val_share, device, len(class_names), micro, speed["amp_dtype"],
-                               speed["channels_last"])
-            metrics.reduce_from_all_processes(device)
-            val = metrics.compute(class_names)
+            val = {"pixel_acc": None, "miou": None}
+            if epoch % args.val_every == 0 or epoch == last_epoch:
+                metrics = evaluate(unwrap(net), val_share, device, len(class_names), micro, speed["amp_dtype"],
+                                   speed["channels_last"])
+                metrics.reduce_from_all_processes(device)
+                val = metrics.compute(class_names)
             history.append({"epoch": epoch, "lr": args.lr, "train_loss": loss_sum / len(sampler),
                             "train_acc": correct / max(counted, 1), "val_acc": val["pixel_acc"],
                             "val_miou": val["miou"], "img_per_s": seen / seconds, "seconds": seconds})
             log(epoch_line(history[-1], last_epoch, device, flops), flush=True)
             if ctx.is_main:   # the checkpoint first: it is what a crash must not lose
                 save_checkpoint(out / "last.pt", checkpoint(epoch, 0, None))
-                if val["miou"] > best:
+                if val["miou"] is not None and val["miou"] > best:
                     best = val["miou"]
                     save_checkpoint(out / "best.pt", checkpoint(epoch, 0, None))
                 write_history(history, out / "history.csv")

@@ -10,7 +10,7 @@ import some_define as sd
 from support import prediction
 
 V = sd.VOID
-NAMES = ["c0", "c1", "c2", "c3", "c4"]
+NAMES = ["background", "c1", "c2", "c3", "c4"]
 
 # Five classes; class 3 is predicted once but never in the ground truth; class 4 appears nowhere.
 TARGET = torch.tensor([[0, 0, 1, 1, V],
@@ -40,7 +40,7 @@ def test_metrics_by_hand():
     # Per-class accuracy over the classes present in the ground truth: 1/3, 3/3, 1/2.
     assert r["mean_class_acc"] == pytest.approx(float((Fr(1, 3) + 1 + Fr(1, 2)) / 3))
     # IoU = tp / (gt + pred - tp): c0 1/(3+2-1), c1 3/(3+4-3), c2 1/(2+1-1), c3 0/(0+1-0); c4 absent -> None.
-    assert r["per_class_iou"] == pytest.approx({"c0": 0.25, "c1": 0.75, "c2": 0.5, "c3": 0.0, "c4": None})
+    assert r["per_class_iou"] == pytest.approx({"background": 0.25, "c1": 0.75, "c2": 0.5, "c3": 0.0, "c4": None})
     assert r["per_class_iou"]["c4"] is None
     assert list(r["per_class_iou"]) == NAMES
     # mIoU over the four classes that are not absent.
@@ -87,7 +87,8 @@ def test_metrics_match_a_naive_loop_on_random_data():
     for pred, target in pairs:
         m.update(pred, target)
     cm, void, void_bg = naive_metrics(pairs, 6)
-    r = m.compute([str(c) for c in range(6)])
+    names = ["background"] + [str(c) for c in range(1, 6)]
+    r = m.compute(names)
     assert r["confusion_matrix"] == cm
     total = sum(map(sum, cm))
     tp = [cm[c][c] for c in range(6)]
@@ -96,7 +97,7 @@ def test_metrics_match_a_naive_loop_on_random_data():
     ious = {}
     for c in range(6):
         union = sum(cm[c]) + sum(row[c] for row in cm) - tp[c]
-        ious[str(c)] = tp[c] / union if union else None
+        ious[names[c]] = tp[c] / union if union else None
     assert ious["5"] is None and ious["4"] == 0.0
     assert r["per_class_iou"] == pytest.approx(ious)
     present = [v for v in ious.values() if v is not None]
@@ -109,12 +110,22 @@ def test_metrics_match_a_naive_loop_on_random_data():
 def test_all_void_and_empty():
     m = sd.SegMetrics(3)
     m.update(torch.tensor([[0, 1]]), torch.tensor([[V, V]], dtype=torch.uint8))
-    r = m.compute(["a", "b", "c"])
+    r = m.compute(["background", "b", "c"])
     assert r["confusion_matrix"] == [[0] * 3] * 3
     assert r["pixel_acc"] == 0.0 and r["miou"] == 0.0 and r["mean_class_acc"] == 0.0
-    assert r["per_class_iou"] == {"a": None, "b": None, "c": None}
+    assert r["per_class_iou"] == {"background": None, "b": None, "c": None}
     assert r["d2l_pixel_acc"] == pytest.approx(0.5)       # one of the two void pixels predicted as background
-    assert sd.SegMetrics(3).compute(["a", "b", "c"])["d2l_pixel_acc"] == 0.0
+    assert sd.SegMetrics(3).compute(["background", "b", "c"])["d2l_pixel_acc"] == 0.0
+
+
+def test_d2l_pixel_acc_only_where_class_0_is_background():
+    """The book counts void pixels as background: that means nothing where class 0 is, say, CamVid's sky."""
+    m = sd.SegMetrics(5)
+    m.update(PRED, TARGET)
+    assert "d2l_pixel_acc" in m.compute(NAMES)
+    assert "d2l_pixel_acc" not in m.compute(["sky"] + NAMES[1:])
+    table = prediction.metrics_table({"unet": m.compute(["sky"] + NAMES[1:])}, ["sky"] + NAMES[1:])
+    assert "d2l_pixel_acc" not in table and "miou" in table
 
 
 def test_image_miou():

@@ -176,3 +176,19 @@ def test_bad_pretrained_file_is_a_one_line_error(tmp_path):
 def test_predict_missing_checkpoint_is_a_one_line_error(tmp_path):
     line = assert_one_line_error(run_script("origin_predict.py", "--checkpoint", str(tmp_path / "none.pt")))
     assert str(tmp_path / "none.pt") in line
+
+
+def test_val_every_validates_every_nth_and_the_last_epoch(tmp_path):
+    make_voc_tree(tmp_path / "data", TINY_TRAIN_SIZES, TINY_VAL_SIZES)
+    out = tmp_path / "run"
+    trained = run_script("origin_train.py", "--voc-dir", str(tmp_path / "data"), "--pretrained", "none",
+                         "--device", "cpu", "--epochs", "3", "--crop", "32", "32", "--batch-size", "2",
+                         "--val-every", "2", "--out", str(out))
+    assert_ok(trained)
+    _, rows = read_history(out / "history.csv")
+    assert [r["val_miou"] != "" for r in rows] == [False, True, True]   # epochs 2 and 3 (the last) validated
+    lines = [line for line in trained.stdout.splitlines() if line.startswith("epoch ")]
+    assert "val mIoU" not in lines[0] and "val mIoU" in lines[1] and "val mIoU" in lines[2]
+    best = checkpoints.load_checkpoint(out / "best.pt")
+    assert best["epoch"] in (2, 3) and best["history"][-1]["val_miou"] is not None
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC

@@ -366,7 +366,7 @@ def test_download_extracts_then_trains(tmp_path, monkeypatch):
     assert data.is_voc_dir(root / "VOCdevkit" / "VOC2012")
     assert (tmp_path / "run" / "last.pt").is_file()
     # The checkpoint's --voc-dir finds the extracted tree, so predict needs no flags; a rerun downloads nothing.
-    assert data.find_voc_dir(root / "VOC2012") == root / "VOCdevkit" / "VOC2012"
+    assert data.find_dataset_dir(root / "VOC2012") == root / "VOCdevkit" / "VOC2012"
     (root / download.VOC_TAR).unlink()
     assert download.training_data_dir(str(root / "VOC2012"), demo=False, download=True, mirror=None) \
         == root / "VOCdevkit" / "VOC2012"

@@ -1,0 +1,81 @@
+"""The project's figures: predictions beside the ground truth with a colour key, and training curves."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from some_define import (VOID, VOID_COLOR, SegDataset, image_miou, label2image, plt_module, predict_full_res,
+                         show_images)
+
+
+def add_class_legend(fig, labels: Sequence[torch.Tensor], colormap: Sequence[Sequence[int]],
+                     class_names: Sequence[str]) -> None:
+    """A colour key under the figure: the classes that appear in ``labels``, and void if any pixel is void."""
+    from matplotlib.patches import Patch
+    present = sorted(set().union(*(torch.unique(y).tolist() for y in labels)))
+    handles = [Patch(facecolor=[v / 255 for v in colormap[c]], edgecolor="0.5", label=class_names[c])
+               for c in present if c != VOID]
+    if VOID in present:
+        handles.append(Patch(facecolor=[v / 255 for v in VOID_COLOR], edgecolor="0.5",
+                             label="void (unlabelled, not scored)"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02 * (1 + len(handles) // 6)))
+
+
+def prediction_figure(models: Sequence[tuple[str, nn.Module]], data: SegDataset, colormap: Sequence[Sequence[int]],
+                      class_names: Sequence[str], device: torch.device, batch_size: int = 8, **flags):
+    """Rows: image, ground truth, then one row per model, each panel titled with that image's mIoU; a colour key
+    of the classes shown."""
+    images, labels = data.images, data.labels
+    rows = [[x.permute(1, 2, 0) for x in images], [label2image(y, colormap) for y in labels]]
+    titles = [list(data.names), []]
+    shown = list(labels)
+    for _, net in models:
+        preds = dict(predict_full_res(net, images, device, batch_size, **flags))
+        rows.append([label2image(preds[i], colormap) for i in range(len(images))])
+        titles.append([f"mIoU {image_miou(preds[i], labels[i], len(class_names), class_names):.2f}"
+                       for i in range(len(images))])
+        shown += [preds[i].cpu() for i in range(len(images))]
+    fig = show_images(rows, ["image", "ground truth", *[name for name, _ in models]], titles)
+    add_class_legend(fig, shown, colormap, class_names)
+    return fig
+
+
+def plot_curves(history: list[dict], title: str = ""):
+    """Loss and accuracy curves (as the original repository draws them) plus val mIoU; returns the figure."""
+    plt = plt_module()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "b-", label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["train_acc"] for h in history], "m--", label="train acc")
+    validated = [h for h in history if h["val_miou"] is not None]   # --val-every N leaves the others out
+    ax_acc.plot([h["epoch"] for h in validated], [h["val_acc"] for h in validated], "g-.", label="val acc")
+    ax_acc.plot([h["epoch"] for h in validated], [h["val_miou"] for h in validated], "k-", label="val mIoU")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def study_curves(histories: dict[str, list[dict]], title: str = ""):
+    """Val mIoU and train loss per epoch of every preset of a study, in one figure."""
+    plt = plt_module()
+    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, history in histories.items():
+        validated = [h for h in history if h["val_miou"] is not None]
+        ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], label=name)
+        ax_miou.plot([h["epoch"] for h in validated], [h["val_miou"] for h in validated], label=name)
+    ax_loss.set(xlabel="epoch", ylabel="train loss")
+    ax_miou.set(xlabel="epoch", ylabel="val mIoU", ylim=(0, 1))
+    ax_miou.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
