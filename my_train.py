@@ -33,12 +33,12 @@ PRESETS = {
     "unet-adam-1e-4": dict(),                                                                     # the default
     "unet-adam-1e-4-ft-1e-5": dict(lr=1e-5, then="unet-adam-1e-4"),                               # 30 + 10 epochs
     "unet-adam-1e-4-void-bg": dict(void="background", only_with_background=True),   # what ignoring void buys
-    "unet-adam-1e-4-mfw": dict(class_weights="median-freq"),          # what SegNet's class balancing buys
+    "unet-adam-1e-3-mfw": dict(lr=1e-3, class_weights="median-freq"),   # + SegNet's class balancing
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = train_arg_parser(__doc__.splitlines()[0])
+    p = train_arg_parser(__doc__.splitlines()[0], DEFAULTS)
     p.add_argument("--preset", choices=list(PRESETS), help="train one row of the study (output OUT/PRESET, "
                    "OUT defaulting to runs)")
     p.add_argument("--study", action="store_true", help="train and evaluate every preset, then write the study")

@@ -30,7 +30,8 @@ DEFAULTS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(finish_train_args(train_arg_parser(__doc__.splitlines()[0]).parse_args(argv), DEFAULTS))
+    parser = train_arg_parser(__doc__.splitlines()[0], DEFAULTS, choose_model=False)   # the book's FCN only
+    train(finish_train_args(parser.parse_args(argv), DEFAULTS))
 
 
 if __name__ == "__main__":

@@ -16,33 +16,51 @@ from .speed import try_all_gpus_or_cpu
 DEMO_TRAIN_DEFAULTS = {"crop": [64, 64], "epochs": 12, "batch_size": 8, "pretrained": "none", "device": "cpu"}
 
 
+class Interrupted(Exception):
+    """The user stopped the run on purpose (Ctrl-C); the message says how to continue."""
+
+
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a script's main(); a UsageError becomes one line on stderr and exit 2 (``--debug`` shows the traceback)."""
+    """Run a script's main(); a UsageError becomes one line on stderr and exit 2 (``--debug`` shows the traceback),
+    Ctrl-C one line and exit 130. Under torchrun only rank 0 prints it (torchrun names any other failing rank)."""
     argv = sys.argv[1:] if argv is None else argv
+    quiet = int(os.environ.get("RANK", "0")) != 0
     try:
         main(argv)
+    except Interrupted as e:
+        if not quiet:
+            print(str(e), file=sys.stderr)
+        sys.exit(130)
     except UsageError as e:
         if "--debug" in argv:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported in one line (the full usage stays behind --help)."""
+    """argparse, but a bad flag is reported in one line (the full usage stays behind --help), and no abbreviations
+    (--epoch would silently mean --epochs)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {message}; see --help\n")
 
 
-def train_arg_parser(description: str) -> argparse.ArgumentParser:
+def train_arg_parser(description: str, defaults: dict, choose_model: bool = True) -> argparse.ArgumentParser:
     """The flags of both training scripts. Defaults are None here and filled in by finish_train_args, so that
-    --demo can shrink only what the user left unset."""
+    --demo can shrink only what the user left unset; --help shows the script's ``defaults``."""
     p = ArgumentParser(description=description)
     data = p.add_argument_group("data")
     data.add_argument("--voc-dir", help="VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012, or a "
                       "folder with train.txt/val.txt lists of 'image mask' pairs (SegNet/CamVid layout)")
-    data.add_argument("--demo", action="store_true", help="use the built-in synthetic VOC-layout data (CPU, minutes)")
+    demo = ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in DEMO_TRAIN_DEFAULTS.items())
+    data.add_argument("--demo", action="store_true", help=f"use the built-in synthetic VOC-layout data (synthetic "
+                      f"shapes, not photos; minutes on a CPU); it changes the defaults to {demo}")
     data.add_argument("--download", action="store_true",
                       help=f"if the data is not there, fetch {VOC_TAR} (2 GB) into the parent folder of --voc-dir, "
                       f"check its MD5 and extract VOCdevkit/VOC2012 there; an interrupted download resumes")
@@ -67,7 +85,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "
                       "where crops are cheap and workers would compete with the training threads)")
     model = p.add_argument_group("model and optimizer")
-    model.add_argument("--model", choices=list(MODELS))
+    if choose_model:   # origin_train.py trains the book's FCN only
+        model.add_argument("--model", choices=list(MODELS))
     model.add_argument("--pretrained", help="imagenet, none, or a path to resnet18-f37072fd.pth")
     model.add_argument("--optimizer", choices=["sgd", "adam"])
     model.add_argument("--lr", type=float)
@@ -94,6 +113,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
                        help="under torchrun, BatchNorm statistics over the global batch")
     run = p.add_argument_group("run")
     run.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first that exists)")
+    run.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per core; idle threads "
+                     "sleep rather than spin, so a CPU shared with other work stays fast)")
     run.add_argument("--seed", type=int)
     run.add_argument("--val-every", type=int, default=1, metavar="N",
                      help="validate every N epochs and after the last (validation at full resolution costs time)")
@@ -101,7 +122,23 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                      help="continue an interrupted run from OUT/last.pt (or CKPT)")
     run.add_argument("--debug", action="store_true", help="show tracebacks")
+    show_defaults(p, defaults)
     return p
+
+
+def show_defaults(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """Add each flag's default to its help: the script's value for flags filled in later, argparse's otherwise."""
+    for action in parser._actions:
+        if action.help in (None, argparse.SUPPRESS) and action.dest != "help":
+            action.help = ""
+        if "default" in action.help or action.dest == "help":
+            continue
+        if action.dest in defaults and action.default is None:
+            value = defaults[action.dest]
+            shown = "auto" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
+            action.help = f"{action.help} (default: {shown})".strip()
+        elif action.default not in (None, False, argparse.SUPPRESS):
+            action.help = f"{action.help} (default: %(default)s)".strip()
 
 
 def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:

@@ -32,6 +32,14 @@ def try_all_gpus_or_cpu(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def set_threads(threads: int | None) -> None:
+    """--threads N: N intra-op threads on the CPU (default: PyTorch's, one per core)."""
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads {threads}: give at least 1")
+        torch.set_num_threads(threads)
+
+
 def cpu_has_amx() -> bool:
     """Intel AMX tiles (Sapphire Rapids and later): oneDNN runs bf16 convolutions on them several times faster than
     fp32; CPUs without them run bf16 slower than fp32."""

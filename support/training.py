@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
+import shutil
 import random
 import sys
 import time
@@ -18,6 +20,7 @@ from torch import nn
 from some_define import (RandomCropBatchSampler, SegDataset, UsageError, build_model, collate_crops,
                          crop_batches_on_device, evaluate, make_optimizer, train_epoch)
 
+from .cli import Interrupted
 from .checkpoints import (check_checkpoint_matches, load_checkpoint, make_checkpoint, plain_config, rng_states,
                           save_checkpoint, set_rng_states, unwrap)
 from .data import dataset_classes, median_frequency_weights, read_split, to_device
@@ -25,11 +28,12 @@ from .distributed import DistributedContext, wrap_for_training
 from .download import training_data_dir
 from .figures import plot_curves
 from .files import check_writable_dir, save_figure, write_history
-from .speed import bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed_flags, train_flops_per_image
+from .speed import (bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed_flags, set_threads,
+                    train_flops_per_image)
 
 
 class TrainingStopped(UsageError):
-    """Training ended early on purpose (Ctrl-C) or because the loss diverged; the message says what to do next."""
+    """The loss diverged; the message says what to do next."""
 
 
 class StopOnInterrupt:
@@ -63,6 +67,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes the same file as ``source`` (a hard link where the file system has them)."""
+    tmp = target.with_name(f".{target.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def resume_checkpoint_path(resume: str | None, out: Path, finetune_from: str | None) -> Path | None:
@@ -107,6 +122,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     """Train args.model on the train split, validating on val after each epoch; write OUT/history.csv,
     OUT/curves.png, OUT/last.pt (every epoch) and OUT/best.pt (best val mIoU). Returns the history."""
     from tqdm import tqdm
+    set_threads(args.threads)
     ctx = DistributedContext(args.device)
     device = ctx.device
     seed_everything(args.seed)
@@ -153,6 +169,9 @@ def train(args: argparse.Namespace) -> list[dict]:
     first_epoch, skip_steps, last_epoch = (history[-1]["epoch"] + 1 if history else 1), 0, None
     partial, seconds_before = None, 0.0
     if resume:
+        if "optimizer" not in state:
+            raise UsageError(f"{resume}: that run finished at epoch {state['epoch']}, nothing to resume; to train "
+                             f"on, start from its weights with --finetune-from {resume}")
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -175,6 +194,9 @@ def train(args: argparse.Namespace) -> list[dict]:
     log(f"device {device} x {ctx.world_size} process(es); amp {amp}, channels_last {speed['channels_last']}, "
         f"data on device {speed['data_on_device']}, {args.batch_size * args.accum_steps} images per step")
     best = max((h["val_miou"] for h in history if h["val_miou"] is not None), default=-1.0)
+
+    def weights(epoch: int) -> dict:   # best.pt, and last.pt once the run is over: nothing left to resume
+        return make_checkpoint(net, args.model, class_names, colormap, config, epoch=epoch, history=history)
 
     def checkpoint(epoch: int, step: int, partial_stats: dict | None) -> dict:
         return make_checkpoint(net, args.model, class_names, colormap, config, epoch=epoch,
@@ -206,7 +228,7 @@ def train(args: argparse.Namespace) -> list[dict]:
                     if ctx.is_main:
                         save_checkpoint(out / "last.pt", checkpoint(epoch - 1, step, dict(
                             totals, steps=step, seconds=time.perf_counter() - start)))
-                    raise TrainingStopped(
+                    raise Interrupted(
                         f"stopped at epoch {epoch}, step {step}, saved in {out / 'last.pt'}; continue with the same "
                         f"command plus --resume")
 
@@ -237,9 +259,15 @@ def train(args: argparse.Namespace) -> list[dict]:
                 save_checkpoint(out / "last.pt", checkpoint(epoch, 0, None))
                 if val["miou"] is not None and val["miou"] > best:
                     best = val["miou"]
-                    save_checkpoint(out / "best.pt", checkpoint(epoch, 0, None))
+                    save_checkpoint(out / "best.pt", weights(epoch))
                 write_history(history, out / "history.csv")
                 save_figure(plot_curves(history, title=f"{args.model}, {args.optimizer} lr {args.lr:g}"),
                             out / "curves.png")
-    log(f"wrote {out / 'history.csv'}, {out / 'curves.png'}, {out / 'last.pt'}, {out / 'best.pt'}")
+    if ctx.is_main and history:
+        save_checkpoint(out / "last.pt", weights(history[-1]["epoch"]))
+        best_epoch = max((h for h in history if h["val_miou"] is not None), key=lambda h: h["val_miou"])["epoch"]
+        if best_epoch == history[-1]["epoch"]:   # the same weights: one file on disk, not two
+            link_or_copy(out / "last.pt", out / "best.pt")
+    log(f"wrote {out / 'history.csv'}, {out / 'curves.png'}, {out / 'last.pt'} (the last epoch) and "
+        f"{out / 'best.pt'} (the best val mIoU)")
     return history

@@ -113,14 +113,14 @@ def test_weighted_loss_counts_each_pixel_by_its_class_weight():
 
 def test_void_background_only_where_class_0_is_background(tmp_path, capsys):
     root = make_pair_list_dataset(tmp_path / "d", {"train": 1})
-    parse = lambda *flags: cli.train_arg_parser("").parse_args(["--classes", str(root / "classes.txt"), *flags])
+    parse = lambda *flags: cli.train_arg_parser("", {}).parse_args(["--classes", str(root / "classes.txt"), *flags])
     book = {"model": "fcn", "void": "background", "optimizer": "sgd", "lr": 1e-3, "wd": 0, "loss": "sum",
             "class_weights": "none", "epochs": 1, "batch_size": 1, "crop": [32, 32], "seed": 0, "workers": 0, "pretrained": "none"}
     assert cli.finish_train_args(parse(), book).void == "ignore"    # the book's default, where it means nothing
     assert "class 0 is 'sky', not 'background'" in capsys.readouterr().out
     with pytest.raises(sd.UsageError, match="--void background trains void pixels as class 0, which is 'sky'"):
         cli.finish_train_args(parse("--void", "background"), book)
-    voc = cli.train_arg_parser("").parse_args([])
+    voc = cli.train_arg_parser("", {}).parse_args([])
     assert cli.finish_train_args(voc, book).void == "background"    # VOC: class 0 is background
 
 
@@ -129,16 +129,16 @@ def test_study_on_a_pair_list_dataset(tmp_path):
     pictures = tmp_path / "pics"
     result = run_script("my_train.py", "--study", "--voc-dir", str(root), "--classes", str(root / "classes.txt"),
                         "--ignore-index", str(UNLABELLED), "--presets", "fcn-sgd-1e-3", "unet-adam-1e-4-void-bg",
-                        "unet-adam-1e-4-mfw", "--out", str(tmp_path / "runs"), "--pictures", str(pictures),
+                        "unet-adam-1e-3-mfw", "--out", str(tmp_path / "runs"), "--pictures", str(pictures),
                         "--epochs", "1", "--batch-size", "2", "--crop", "32", "32", "--pretrained", "none",
                         "--device", "cpu", "--num", "2")
     assert result.returncode == 0, result.stderr
     assert "unet-adam-1e-4-void-bg: left out, class 0 is 'sky'" in result.stdout
     table = (pictures / "study.md").read_text()
     assert "| fcn-sgd-1e-3 | fcn | sgd | 0.001 | sum | ignore | none |" in table   # the book's void rule left out
-    assert "| unet-adam-1e-4-mfw | unet | adam | 0.0001 | mean | ignore | median-freq |" in table
+    assert "| unet-adam-1e-3-mfw | unet | adam | 0.001 | mean | ignore | median-freq |" in table
     assert "void-bg" not in table and (pictures / "study.png").is_file() and (pictures / "study_curves.png").is_file()
-    config = study.read_json(tmp_path / "runs" / "unet-adam-1e-4-mfw" / "eval.json")["config"]
+    config = study.read_json(tmp_path / "runs" / "unet-adam-1e-3-mfw" / "eval.json")["config"]
     assert config["class_weights"] == "median-freq" and len(config["class_weight_values"]) == 3
 
 
