@@ -10,7 +10,8 @@ from pathlib import Path
 
 from origin_train import DEFAULTS as BOOK_DEFAULTS
 from some_define import UsageError
-from support.cli import finish_train_args, run_main, train_arg_parser
+from support.cli import finish_train_args, train_arg_parser
+from support.errors import run_main
 from support.study import run_study, train_preset
 from support.training import train
 

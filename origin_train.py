@@ -5,7 +5,8 @@
     python origin_train.py --download      # fetch and extract VOC 2012 first (--mirror URL if its host is down)
     python origin_train.py --voc-dir mine --classes mine/classes.txt   # your own dataset in VOC layout
 """
-from support.cli import finish_train_args, run_main, train_arg_parser
+from support.cli import finish_train_args, train_arg_parser
+from support.errors import run_main
 from support.training import train
 
 # The book's settings (the original repository trained 30 epochs; the book 5).

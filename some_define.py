@@ -561,12 +561,6 @@ class SegMetrics:
         return metrics
 
 
-def image_miou(pred: torch.Tensor, label: torch.Tensor, num_classes: int, class_names: Sequence[str]) -> float:
-    metrics = SegMetrics(num_classes)
-    metrics.update(pred, label)
-    return metrics.compute(class_names)["miou"]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Fully Convolutional Networks: training (the book's train_batch_ch13 and train_ch13)
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ Sections, in the order they run (the one that can run long, with torch.compile, 
  4. train  images/s of the plain fp32 loop of the original repository vs the fast path that training picks on this
            device with the auto flags (on CUDA also torch.compile, and peak memory), in interleaved rounds; on the
            CPU the ceiling is then measured again and the higher value kept
+ 5. busy   (CPU, only when asked for) the fast train step quiet and while another process runs a 2-thread matmul
+           loop, with OpenMP threads that spin (torch's default) and that sleep (the scripts' default)
 A failing section records its error and the next one runs; the JSON is rewritten after every section. The model
 settings (optimizer, lr, wd, loss, void) are the training scripts' DEFAULTS. Results: benchmarks/RESULTS.md.
 """
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import support  # noqa: E402,F401  (first: it sets the scripts' OpenMP wait policy before torch loads)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
@@ -467,6 +470,51 @@ def bench_train_model(name: str, args, ctx: DistributedContext, peak: dict) -> d
     return out
 
 
+# --- 5. Busy: the train step on a CPU that another process shares ---------------------------------------------------
+
+COMPETITOR = "import torch; torch.set_num_threads(2); a = torch.randn(1024, 1024)\nwhile True: a @ a"
+
+
+def busy_child(model: str, policy: str, busy: bool, args) -> dict:
+    """The fast train step of ``model`` in a fresh process with OMP_WAIT_POLICY=``policy``, optionally while a
+    competing process runs a 2-thread matmul loop (spinning, as most programs' OpenMP does)."""
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR],
+                                  env=dict(os.environ, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="2")) if busy else None
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--sections", "train", "--variants", "fast",
+                   "--models", model, "--crop", *map(str, args.crop), "--batch", str(args.batch), "--json", f.name]
+            if busy:
+                time.sleep(2)   # the competitor at full speed first
+            r = subprocess.run(cmd, env=dict(os.environ, OMP_WAIT_POLICY=policy), capture_output=True, text=True,
+                               timeout=1800)
+            if r.returncode != 0:
+                return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
+            step = json.loads(Path(f.name).read_text())["train_step"][model]
+            return {"img_s": step.get("fast_img_s"), "error": step.get("fast_error")}
+    finally:
+        if competitor:
+            competitor.kill()
+            competitor.wait()
+
+
+def bench_busy(args) -> dict:
+    """Quiet and busy images/s per model and wait policy, and busy / quiet (a fair share of 2 cores is 0.5)."""
+    out = {}
+    for model in args.models:
+        for policy, name in (("ACTIVE", "spin"), ("PASSIVE", "sleep")):
+            quiet, busy = busy_child(model, policy, False, args), busy_child(model, policy, True, args)
+            row = {"quiet_img_s": quiet.get("img_s"), "busy_img_s": busy.get("img_s")}
+            if row["quiet_img_s"] and row["busy_img_s"]:
+                row["busy_over_quiet"] = row["busy_img_s"] / row["quiet_img_s"]
+            row.update({f"{k}_error": v.get("error") for k, v in (("quiet", quiet), ("busy", busy)) if v.get("error")})
+            out[f"{model}_{name}"] = row
+            print(f"  {model:5s} {name:5s}: quiet {fmt(row['quiet_img_s'], '.2f')} img/s, busy "
+                  f"{fmt(row['busy_img_s'], '.2f')} img/s, busy/quiet {fmt(row.get('busy_over_quiet'), '.2f')}",
+                  flush=True)
+    return out
+
+
 # --- Report ----------------------------------------------------------------------------------------------------------
 
 def fmt(v, spec=".1f"):
@@ -536,7 +584,7 @@ def parse_args(argv=None):
                    help="128 x 128 crops, batch 8, fewer eval images on the CPU: a run in < 5 minutes")
     p.add_argument("--device", help="cuda, cpu, ... (default: the first that exists)")
     p.add_argument("--sections", nargs="+", default=["peak", "eval", "data", "train"],
-                   choices=["peak", "eval", "data", "train"], help="which to run (always in this order)")
+                   choices=["peak", "eval", "data", "train", "busy"], help="which to run (always in this order)")
     p.add_argument("--models", nargs="+", default=list(MODEL_DEFAULTS), choices=list(MODEL_DEFAULTS))
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"),
                    help="train-step crop (default: 320 480; 128 128 with --quick on the CPU)")
@@ -667,6 +715,10 @@ def main(argv=None) -> int:
             for r in result["train_step"].values():
                 apply_ceiling(r, peak)
             save()
+
+    if "busy" in args.sections:
+        result["busy"] = section("busy CPU", lambda: bench_busy(args))
+        save()
 
     result["seconds"] = time.perf_counter() - started
     if device.type == "cpu":

@@ -55,8 +55,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"{path}: not a checkpoint of this project, refused ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})")
+        if "Weights only load failed" in str(e):   # a pickle that would run code or build other objects
+            raise UsageError(f"{path}: holds more than tensors and plain values, refused as unsafe to load "
+                             f"(this project's checkpoints load with weights_only=True)")
+        raise UsageError(f"{path}: not a PyTorch checkpoint file (torch.load cannot read it); pass the best.pt or "
+                         f"last.pt that a training run wrote")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model" not in checkpoint:
         raise UsageError(f"{path}: not a checkpoint of this project (no model name or state_dict)")
     return checkpoint

@@ -3,40 +3,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from typing import Callable
 
 from some_define import MODELS, VOID, UsageError
 
 from .data import VOC_TAR, VOC_URL, dataset_classes, read_classes
 from .checkpoints import check_classes_match
 from .speed import try_all_gpus_or_cpu
+from .tiles import AUTO_TILE_PIXELS, DEFAULT_OVERLAP, DEFAULT_TILE, parse_tile
 
 # With --demo, every default below that the user did not set shrinks to this, so a run takes minutes on a laptop CPU.
 DEMO_TRAIN_DEFAULTS = {"crop": [64, 64], "epochs": 12, "batch_size": 8, "pretrained": "none", "device": "cpu"}
-
-
-class Interrupted(Exception):
-    """The user stopped the run on purpose (Ctrl-C); the message says how to continue."""
-
-
-def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a script's main(); a UsageError becomes one line on stderr and exit 2 (``--debug`` shows the traceback),
-    Ctrl-C one line and exit 130. Under torchrun only rank 0 prints it (torchrun names any other failing rank)."""
-    argv = sys.argv[1:] if argv is None else argv
-    quiet = int(os.environ.get("RANK", "0")) != 0
-    try:
-        main(argv)
-    except Interrupted as e:
-        if not quiet:
-            print(str(e), file=sys.stderr)
-        sys.exit(130)
-    except UsageError as e:
-        if "--debug" in argv:
-            raise
-        if not quiet:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -47,7 +23,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"error: {message}; see --help\n")
+        quiet = int(os.environ.get("RANK", "0")) != 0   # under torchrun, rank 0 says it once
+        self.exit(2, None if quiet else f"error: {message}; see --help\n")
 
 
 def train_arg_parser(description: str, defaults: dict, choose_model: bool = True) -> argparse.ArgumentParser:
@@ -186,7 +163,8 @@ def void_rule(void: str, void_given: str | None, first_class: str) -> str:
 
 def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argparse.ArgumentParser:
     p = ArgumentParser(description=description)
-    p.add_argument("--checkpoint", default=checkpoint)
+    p.add_argument("--checkpoint", default=checkpoint, help="the trained model: best.pt (best val mIoU) or last.pt "
+                   "(the last epoch) of a training run")
     p.add_argument("--voc-dir", help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--demo", action="store_true", help="use the built-in synthetic data")
     p.add_argument("--split", help="split to show or evaluate (default: the checkpoint's validation split)")
@@ -194,11 +172,12 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
                    "against the classes the checkpoint carries)")
     p.add_argument("--ignore-index", type=int, metavar="K", help="label value K is void (default: as in training)")
     p.add_argument("--num", type=int, default=4, help="images in the figure")
-    p.add_argument("--figure", default=figure)
+    p.add_argument("--figure", default=figure, help="where the figure is written")
     p.add_argument("--eval", action="store_true", help="full-resolution metrics over the whole split")
-    p.add_argument("--metrics", help="JSON file for --eval (default: next to the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device")
+    p.add_argument("--metrics", help="JSON file for --eval (default: metrics_SPLIT.json next to the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first that exists)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per core)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision, as in training (auto: bf16 on CUDA GPUs that have it and on CPUs with AMX)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -207,8 +186,25 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
                      "(JPEG/PNG, any size) instead of a dataset split")
     own.add_argument("--save-dir", default="predictions", help="where --images writes NAME.png (class indices as a "
                      "palette PNG) and NAME_overlay.jpg")
-    own.add_argument("--tta", action="store_true", help="with --images: average the logits with those of the "
-                     "mirrored image")
+    own.add_argument("--tta", action="store_true", help="with --images or --serve: average the logits with those "
+                     "of the mirrored image")
+    own.add_argument("--tile", nargs="+", metavar=("auto|off|H", "W"),
+                     help=f"predict in overlapping H x W windows (multiples of 32) whose logits are blended, so any "
+                     f"size fits in bounded memory; off: the whole image at once; default: auto, i.e. "
+                     f"{DEFAULT_TILE[0]} {DEFAULT_TILE[1]} for images above {AUTO_TILE_PIXELS / 2**20:g} Mpixel")
+    own.add_argument("--tile-overlap", type=float, metavar="F",
+                     help=f"fraction of a window shared with its neighbour, at least: the step between windows is "
+                     f"rounded down to a multiple of 32 (default: {DEFAULT_OVERLAP})")
+    web = p.add_argument_group("in your browser")
+    web.add_argument("--serve", action="store_true", help="a local web page: drop a photo, see the models' overlays "
+                     "side by side")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every machine that can "
+                     "reach this one)")
+    web.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
+    web.add_argument("--max-upload-mb", type=float, default=25, metavar="MB", help="larger uploads are refused")
+    web.add_argument("--max-waiting", type=int, default=4, metavar="N",
+                     help="requests that may wait for the model (one runs at a time); more are refused as busy")
+    show_defaults(p, {})
     return p
 
 
@@ -220,10 +216,21 @@ def finish_predict_args(args: argparse.Namespace, checkpoint: dict) -> argparse.
         args.split = config.get("val_split", "val")
     if args.ignore_index is None:
         args.ignore_index = config.get("ignore_index")
-    if args.tta and not args.images:
-        raise UsageError("--tta applies to --images")
+    if args.tta and not (args.images or args.serve):
+        raise UsageError("--tta applies to --images and --serve")
+    if (args.tile or args.tile_overlap is not None) and not (args.images or args.serve):
+        raise UsageError("--tile and --tile-overlap apply to --images and --serve")
+    args.tile_overlap = DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap
+    args.tile = parse_tile(args.tile or ["auto"], args.tile_overlap)
     if args.images and args.eval:
         raise UsageError("--images and --eval do not go together (--eval measures a dataset split)")
+    if args.serve and (args.images or args.eval):
+        raise UsageError("--serve goes alone: not with --images or --eval")
+    for ok, message in ((0 <= args.port <= 65535, f"--port {args.port}: must be 0..65535 (0: any free port)"),
+                        (args.max_upload_mb > 0, "--max-upload-mb must be positive"),
+                        (args.max_waiting >= 0, "--max-waiting must not be negative")):
+        if args.serve and not ok:
+            raise UsageError(message)
     if args.classes:
         check_classes_match(*read_classes(args.classes), checkpoint, args.classes)
     return args

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -35,7 +36,7 @@ def download_file(url: str, path: Path) -> None:
             total = start + int(length) if length else None
             with open(part, "ab" if start else "wb") as f, \
                     tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name,
-                         dynamic_ncols=True) as bar:
+                         dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -43,8 +44,10 @@ def download_file(url: str, path: Path) -> None:
         if not (e.code == 416 and start):   # 416: nothing left after the .part, which is therefore complete
             raise UsageError(f"downloading {url} failed (HTTP {e.code} {e.reason}); try another --mirror URL")
     except (OSError, http.client.HTTPException) as e:
-        raise UsageError(f"downloading {url} failed ({getattr(e, 'reason', e)}); run again to resume from the "
-                         f"{part.stat().st_size if part.is_file() else 0} bytes in {part}, or try another --mirror URL")
+        kept = part.stat().st_size if part.is_file() else 0
+        again = f"run again to resume from the {kept} bytes in {part}" if kept else "run again to retry"
+        raise UsageError(f"downloading {url} failed ({getattr(e, 'reason', e)}); {again}, or try another --mirror "
+                         f"URL")
     if total is not None and part.stat().st_size < total:
         raise UsageError(f"downloading {url} stopped at {part.stat().st_size} of {total} bytes; run again to resume "
                          f"from {part}")

@@ -11,9 +11,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from some_define import UsageError, colormap_lut, label2image, predict, read_image
+from some_define import VOID, UsageError, colormap_lut, label2image, read_image
 
-from .files import atomic_write
+from .files import atomic_write, check_writable_dir
+from .tiles import DEFAULT_OVERLAP, Tile, predict_any_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -54,20 +55,38 @@ def check_prediction_paths(images: Sequence[Path], save_dir: Path) -> None:
                              f"another --save-dir")
 
 
-def save_label_png(pred: torch.Tensor, colormap: Sequence[Sequence[int]], path: str | os.PathLike) -> None:
-    """Class indices (H x W) as a palette PNG: viewers show the class colours, PIL (np.array) reads the indices."""
+def label_image(pred: torch.Tensor, colormap: Sequence[Sequence[int]]) -> Image.Image:
+    """Class indices (H x W) as a palette image: viewers show the class colours, PIL (np.array) reads the indices."""
     im = Image.fromarray(pred.to(torch.uint8).cpu().numpy())
     im.putpalette(colormap_lut(colormap).flatten().tolist())   # an 'L' image with a palette becomes 'P'
+    return im
+
+
+def save_label_png(pred: torch.Tensor, colormap: Sequence[Sequence[int]], path: str | os.PathLike) -> None:
+    im = label_image(pred, colormap)
     atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
+def overlay(image: torch.Tensor, pred: torch.Tensor, colormap: Sequence[Sequence[int]],
+            class_names: Sequence[str], strength: float = 0.6) -> torch.Tensor:
+    """The photo (3 x H x W uint8) with each predicted class's colour laid over it at ``strength`` and a 1-pixel
+    outline in the pure colour; background (a class 0 named so) and void pixels stay the photo (H x W x 3)."""
+    photo = image.permute(1, 2, 0).float()
+    colours = label2image(pred, colormap).float()
+    painted = (pred != VOID) & ((pred != 0) if class_names[0] == "background" else torch.ones_like(pred, dtype=bool))
+    edge = torch.zeros_like(painted)
+    edge[1:] |= pred[1:] != pred[:-1]
+    edge[:, 1:] |= pred[:, 1:] != pred[:, :-1]
+    out = torch.where(painted[..., None], strength * colours + (1 - strength) * photo, photo)
+    out = torch.where((edge & painted)[..., None], colours, out)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def overlay_with_legend(image: torch.Tensor, pred: torch.Tensor, colormap: Sequence[Sequence[int]],
-                        class_names: Sequence[str], alpha: float = 0.5) -> Image.Image:
-    """The image (3 x H x W uint8) blended with the colours of its predicted classes, and on its right a legend of
-    the classes present."""
-    blended = Image.blend(Image.fromarray(image.permute(1, 2, 0).numpy()),
-                          Image.fromarray(label2image(pred, colormap).numpy()), alpha)
-    present = torch.unique(pred).tolist()
+                        class_names: Sequence[str]) -> Image.Image:
+    """The overlay, and on its right a legend of the classes present (dark swatches with a light edge)."""
+    blended = Image.fromarray(overlay(image, pred, colormap, class_names).numpy())
+    present = [c for c in torch.unique(pred).tolist() if c != VOID]
     font = ImageFont.load_default(size=max(12, blended.height // 40))   # readable on photos and thumbnails alike
     line = round(font.size * 1.5)
     draw = ImageDraw.Draw(blended)
@@ -77,34 +96,41 @@ def overlay_with_legend(image: torch.Tensor, pred: torch.Tensor, colormap: Seque
     draw = ImageDraw.Draw(canvas)
     for row, c in enumerate(present):
         x, y = blended.width + line // 2, line // 2 + row * line
-        draw.rectangle([x, y, x + font.size, y + font.size], fill=tuple(colormap[c]), outline="black")
+        dark = sum(colormap[c]) < 150
+        draw.rectangle([x, y, x + font.size, y + font.size], fill=tuple(colormap[c]),
+                       outline=(200, 200, 200) if dark else (0, 0, 0), width=2 if dark else 1)
         draw.text((x + line, y), class_names[c], fill="black", font=font)
     return canvas
 
 
 def predict_images(net: nn.Module, checkpoint: dict, patterns: Sequence[str], save_dir: str | os.PathLike,
-                   device: torch.device, tta: bool = False, **flags) -> None:
+                   device: torch.device, tta: bool = False, tile: Tile = "auto", overlap: float = DEFAULT_OVERLAP,
+                   **flags) -> None:
     """For every image file, SAVE_DIR/NAME.png and SAVE_DIR/NAME_overlay.jpg at the input's full size, one image at
-    a time (a large photo needs only its own memory). An unreadable file is reported on one line and skipped; the
-    exit code is 2 at the end."""
+    a time, a large one in tiles (``tile``, ``overlap``: see support/tiles.py). An unreadable file is reported on
+    one line and skipped; the exit code is 2 at the end."""
     from tqdm import tqdm
     images = collect_image_paths(patterns)
     save_dir = Path(save_dir)
     check_prediction_paths(images, save_dir)
+    check_writable_dir(save_dir, "--save-dir")   # before any work, not after the last image
     class_names, colormap = checkpoint["class_names"], checkpoint["colormap"]
     failed = 0
-    for path in tqdm(images, desc="predicting", unit="image", dynamic_ncols=True):
+    for path in tqdm(images, desc="predicting", unit="image", dynamic_ncols=True, disable=not sys.stderr.isatty()):
         try:
             image = read_image(path, upright=True)
         except UsageError as e:
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        pred = predict(image, net, device, tta=tta, **flags).cpu()
+        pred = predict_any_size(image, net, device, tile, overlap, tta=tta, **flags)
         label_path, overlay_path = prediction_paths(path, save_dir)
         save_label_png(pred, colormap, label_path)
         overlay = overlay_with_legend(image, pred, colormap, class_names)
         atomic_write(overlay_path, lambda tmp: overlay.save(tmp, format="JPEG", quality=90))
-    print(f"wrote {len(images) - failed} predictions (NAME.png, NAME_overlay.jpg) to {save_dir}")
+    written = len(images) - failed
+    if written:
+        print(f"wrote {written} prediction{'s' * (written != 1)} (NAME.png, NAME_overlay.jpg) to {save_dir}")
     if failed:
-        raise UsageError(f"{failed} of {len(images)} images could not be read (see above); the others were written")
+        raise UsageError(f"{failed} of {len(images)} image{'s' * (len(images) != 1)} could not be read (see above)"
+                         + ("; the others were written" if written else "; nothing was written"))

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from some_define import (VOID, VOID_COLOR, SegDataset, image_miou, label2image, plt_module, predict_full_res,
+from some_define import (VOID, VOID_COLOR, SegDataset, SegMetrics, label2image, plt_module, predict_full_res,
                          show_images)
 
 
@@ -24,8 +24,22 @@ def add_class_legend(fig, labels: Sequence[torch.Tensor], colormap: Sequence[Seq
                bbox_to_anchor=(0.5, -0.02 * (1 + len(handles) // 6)))
 
 
+def image_title(pred: torch.Tensor, label: torch.Tensor, class_names: Sequence[str]) -> str:
+    """The image's mIoU over the classes in its ground truth or prediction; with a background class also the mean
+    over the other classes, so that predicting everything as background does not look half right."""
+    metrics = SegMetrics(len(class_names))
+    metrics.update(pred.cpu(), label)
+    result = metrics.compute(class_names)
+    title = f"mIoU {result['miou']:.2f}"
+    objects = [v for name, v in list(result["per_class_iou"].items())[1:] if v is not None]
+    if class_names[0] == "background" and objects:
+        title += f", objects {sum(objects) / len(objects):.2f}"
+    return title
+
+
 def prediction_figure(models: Sequence[tuple[str, nn.Module]], data: SegDataset, colormap: Sequence[Sequence[int]],
-                      class_names: Sequence[str], device: torch.device, batch_size: int = 8, **flags):
+                      class_names: Sequence[str], device: torch.device, batch_size: int = 8, title: str = "",
+                      **flags):
     """Rows: image, ground truth, then one row per model, each panel titled with that image's mIoU; a colour key
     of the classes shown."""
     images, labels = data.images, data.labels
@@ -35,11 +49,12 @@ def prediction_figure(models: Sequence[tuple[str, nn.Module]], data: SegDataset,
     for _, net in models:
         preds = dict(predict_full_res(net, images, device, batch_size, **flags))
         rows.append([label2image(preds[i], colormap) for i in range(len(images))])
-        titles.append([f"mIoU {image_miou(preds[i], labels[i], len(class_names), class_names):.2f}"
-                       for i in range(len(images))])
+        titles.append([image_title(preds[i], labels[i], class_names) for i in range(len(images))])
         shown += [preds[i].cpu() for i in range(len(images))]
     fig = show_images(rows, ["image", "ground truth", *[name for name, _ in models]], titles)
     add_class_legend(fig, shown, colormap, class_names)
+    if title:
+        fig.suptitle(title, y=1.02)
     return fig
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,17 @@ def check_writable_dir(path: str | os.PathLike, flag: str) -> None:
         raise UsageError(f"{flag} {path}: cannot create the folder ({e.strerror})")
     if not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path}: the folder is not writable")
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes the same file as ``source`` (a hard link where the file system has them)."""
+    tmp = target.with_name(f".{target.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:

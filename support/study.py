@@ -74,8 +74,8 @@ def run_study(args: argparse.Namespace, presets: dict, defaults: dict, finetune_
     pictures = Path(args.pictures) if args.pictures else study_pictures_dir(args.demo, data_dir)
     what = "synthetic demo data (random-init backbones)" if args.demo else f"{data_dir.name} ({data_dir})"
     write_text(study_table(rows, what), pictures / "study.md")
-    save_figure(prediction_figure(models, first_examples(val_set, args.num), colormap, class_names, device, **flags),
-                pictures / "study.png")
+    save_figure(prediction_figure(models, first_examples(val_set, args.num), colormap, class_names, device,
+                                  title=what, **flags), pictures / "study.png")
     save_figure(study_curves({r["preset"]: r["history"] for r in rows}, what), pictures / "study_curves.png")
     print(f"wrote {pictures / 'study.md'}, {pictures / 'study.png'} and {pictures / 'study_curves.png'}")
 

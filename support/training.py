@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-import shutil
 import random
 import sys
 import time
@@ -20,14 +18,14 @@ from torch import nn
 from some_define import (RandomCropBatchSampler, SegDataset, UsageError, build_model, collate_crops,
                          crop_batches_on_device, evaluate, make_optimizer, train_epoch)
 
-from .cli import Interrupted
+from .errors import Interrupted, StopOnInterrupt
 from .checkpoints import (check_checkpoint_matches, load_checkpoint, make_checkpoint, plain_config, rng_states,
                           save_checkpoint, set_rng_states, unwrap)
 from .data import dataset_classes, median_frequency_weights, read_split, to_device
 from .distributed import DistributedContext, wrap_for_training
 from .download import training_data_dir
 from .figures import plot_curves
-from .files import check_writable_dir, save_figure, write_history
+from .files import check_writable_dir, link_or_copy, save_figure, write_history
 from .speed import (bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed_flags, set_threads,
                     train_flops_per_image)
 
@@ -36,48 +34,10 @@ class TrainingStopped(UsageError):
     """The loss diverged; the message says what to do next."""
 
 
-class StopOnInterrupt:
-    """The first Ctrl-C asks the loop to stop after the current step (which is then saved); a second one aborts."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        import signal
-        self.previous = signal.getsignal(signal.SIGINT)
-
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\ninterrupted: finishing this step and saving (Ctrl-C again to abort)", file=sys.stderr)
-        try:
-            signal.signal(signal.SIGINT, handler)
-        except ValueError:     # not the main thread: leave Ctrl-C alone
-            self.previous = None
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """``target`` becomes the same file as ``source`` (a hard link where the file system has them)."""
-    tmp = target.with_name(f".{target.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
 
 
 def resume_checkpoint_path(resume: str | None, out: Path, finetune_from: str | None) -> Path | None:
@@ -102,6 +62,37 @@ def training_batches(train_set: SegDataset, sampler: RandomCropBatchSampler, dev
                                          num_workers=workers, pin_memory=device.type == "cuda",
                                          persistent_workers=workers > 0)
     return lambda: iter(loader)
+
+
+def starting_point(model: str, class_names: list[str], pretrained: str, resume: Path | None,
+                   finetune_from: str | None) -> tuple[nn.Module, dict | None, list[dict]]:
+    """The network to train, the checkpoint it starts from and the history it continues: fresh, fine-tuned from
+    another run's weights (with a fresh optimizer), or resumed (everything restored later)."""
+    start_from = resume or finetune_from
+    # Weights that a checkpoint replaces need no ImageNet download (resuming offline must work).
+    net = build_model(model, len(class_names), "none" if start_from else pretrained)
+    if not start_from:
+        return net, None, []
+    state = load_checkpoint(start_from)
+    check_checkpoint_matches(state, model, class_names, start_from)
+    net.load_state_dict(state["state_dict"])
+    return net, state, list(state.get("history", []))
+
+
+def restore_progress(state: dict, path: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+                     ) -> tuple[int, int, int, dict | None, float]:
+    """Restore optimizer, scaler and random state of an interrupted run; return where it goes on: the epoch, the
+    steps of it already done, the last epoch, and that epoch's running totals and seconds so far."""
+    if "optimizer" not in state:
+        raise UsageError(f"{path}: that run finished at epoch {state['epoch']}, nothing to resume; to train on, "
+                         f"start from its weights with --finetune-from {path}")
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"])
+    partial = dict(state["partial"], steps=state["step"]) if state.get("partial") else None
+    seconds = partial.pop("seconds") if partial else 0.0
+    return state["epoch"] + 1, state["step"], state["last_epoch"], partial, seconds
 
 
 def epoch_line(row: dict, epochs: int, device: torch.device, flops_per_image: float | None) -> str:
@@ -149,39 +140,20 @@ def train(args: argparse.Namespace) -> list[dict]:
         log("class weights (median frequency): " + ", ".join(
             f"{name} {w:.2f}" for name, w in zip(class_names, config["class_weight_values"])))
 
-    # Weights: fresh, fine-tuned from another run (fresh optimizer), or resumed (everything restored).
     resume = resume_checkpoint_path(args.resume, out, args.finetune_from)
-    start_from = resume or args.finetune_from
-    state = load_checkpoint(start_from) if start_from else None
-    # Weights that a checkpoint replaces need no ImageNet download (resuming offline must work).
-    net = build_model(args.model, len(class_names), "none" if start_from else args.pretrained)
-    history: list[dict] = []
-    if state is not None:
-        check_checkpoint_matches(state, args.model, class_names, start_from)
-        net.load_state_dict(state["state_dict"])
-        history = list(state.get("history", []))
+    net, state, history = starting_point(args.model, class_names, args.pretrained, resume, args.finetune_from)
     keep_transposed_convs_fp32_on_cpu(net)
     flops = train_flops_per_image(net.to(device), tuple(args.crop), device) if device.type == "cuda" else None
     net = wrap_for_training(net, ctx, speed["channels_last"], args.sync_bn, args.compile)
     optimizer = make_optimizer(args.optimizer, net.parameters(), args.lr, args.wd)
     scaler = torch.amp.GradScaler(device.type, enabled=speed["amp_dtype"] == torch.float16)
 
-    first_epoch, skip_steps, last_epoch = (history[-1]["epoch"] + 1 if history else 1), 0, None
-    partial, seconds_before = None, 0.0
+    first_epoch = history[-1]["epoch"] + 1 if history else 1
+    last_epoch, skip_steps, partial, seconds_before = first_epoch + args.epochs - 1, 0, None, 0.0
     if resume:
-        if "optimizer" not in state:
-            raise UsageError(f"{resume}: that run finished at epoch {state['epoch']}, nothing to resume; to train "
-                             f"on, start from its weights with --finetune-from {resume}")
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"])
-        first_epoch, skip_steps, last_epoch = state["epoch"] + 1, state["step"], state["last_epoch"]
-        if state.get("partial"):
-            partial = dict(state["partial"], steps=skip_steps)
-            seconds_before = partial.pop("seconds")
+        first_epoch, skip_steps, last_epoch, partial, seconds_before = restore_progress(state, resume, optimizer,
+                                                                                        scaler)
         log(f"resuming {resume}: epoch {first_epoch}" + (f", step {skip_steps}" if skip_steps else ""))
-    last_epoch = last_epoch or first_epoch + args.epochs - 1
 
     micro = args.batch_size // ctx.world_size
     sampler = RandomCropBatchSampler(train_set, args.batch_size * args.accum_steps, seed=args.seed,

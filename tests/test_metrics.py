@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import some_define as sd
-from support import prediction
+from support import figures, prediction
 
 V = sd.VOID
 NAMES = ["background", "c1", "c2", "c3", "c4"]
@@ -128,8 +128,12 @@ def test_d2l_pixel_acc_only_where_class_0_is_background():
     assert "d2l_pixel_acc" not in table and "miou" in table
 
 
-def test_image_miou():
-    assert sd.image_miou(PRED, TARGET, 5, NAMES) == pytest.approx(0.375)
+def test_image_title():
+    # mIoU over the classes present (background 0.25, c1 0.75, c2 0.5, c3 0.0), and over the non-background ones.
+    assert figures.image_title(PRED, TARGET, NAMES) == f"mIoU 0.38, objects {(0.75 + 0.5 + 0.0) / 3:.2f}"
+    everything_background = torch.zeros_like(PRED)
+    assert figures.image_title(everything_background, TARGET, NAMES).endswith("objects 0.00")
+    assert figures.image_title(PRED, TARGET, ["sky"] + NAMES[1:]) == "mIoU 0.38"   # no background class
 
 
 def test_metrics_table_shows_absent_classes_as_dash():
