@@ -13,7 +13,7 @@ Sections, in the order they run (the one that can run long, with torch.compile, 
            device with the auto flags (on CUDA also torch.compile, and peak memory), in interleaved rounds; on the
            CPU the ceiling is then measured again and the higher value kept
  5. busy   (CPU, only when asked for) the fast train step quiet and while another process runs a 2-thread matmul
-           loop, with OpenMP threads that spin (torch's default) and that sleep (the scripts' default)
+           loop, with OpenMP's default wait policy, with threads that always spin, and with threads that sleep
 A failing section records its error and the next one runs; the JSON is rewritten after every section. The model
 settings (optimizer, lr, wd, loss, void) are the training scripts' DEFAULTS. Results: benchmarks/RESULTS.md.
 """
@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import support  # noqa: E402,F401  (first: it sets the scripts' OpenMP wait policy before torch loads)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
@@ -475,9 +474,9 @@ def bench_train_model(name: str, args, ctx: DistributedContext, peak: dict) -> d
 COMPETITOR = "import torch; torch.set_num_threads(2); a = torch.randn(1024, 1024)\nwhile True: a @ a"
 
 
-def busy_child(model: str, policy: str, busy: bool, args) -> dict:
-    """The fast train step of ``model`` in a fresh process with OMP_WAIT_POLICY=``policy``, optionally while a
-    competing process runs a 2-thread matmul loop (spinning, as most programs' OpenMP does)."""
+def busy_child(model: str, policy: str | None, busy: bool, args) -> dict:
+    """The fast train step of ``model`` in a fresh process with OMP_WAIT_POLICY=``policy`` (None: unset, OpenMP's
+    default), optionally while a competing process runs a 2-thread matmul loop (spinning, as most programs' do)."""
     competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR],
                                   env=dict(os.environ, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="2")) if busy else None
     try:
@@ -486,8 +485,9 @@ def busy_child(model: str, policy: str, busy: bool, args) -> dict:
                    "--models", model, "--crop", *map(str, args.crop), "--batch", str(args.batch), "--json", f.name]
             if busy:
                 time.sleep(2)   # the competitor at full speed first
-            r = subprocess.run(cmd, env=dict(os.environ, OMP_WAIT_POLICY=policy), capture_output=True, text=True,
-                               timeout=1800)
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            r = subprocess.run(cmd, env=dict(env, **({"OMP_WAIT_POLICY": policy} if policy else {})),
+                               capture_output=True, text=True, timeout=1800)
             if r.returncode != 0:
                 return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
             step = json.loads(Path(f.name).read_text())["train_step"][model]
@@ -502,14 +502,14 @@ def bench_busy(args) -> dict:
     """Quiet and busy images/s per model and wait policy, and busy / quiet (a fair share of 2 cores is 0.5)."""
     out = {}
     for model in args.models:
-        for policy, name in (("ACTIVE", "spin"), ("PASSIVE", "sleep")):
+        for policy, name in ((None, "default"), ("ACTIVE", "spin"), ("PASSIVE", "sleep")):
             quiet, busy = busy_child(model, policy, False, args), busy_child(model, policy, True, args)
             row = {"quiet_img_s": quiet.get("img_s"), "busy_img_s": busy.get("img_s")}
             if row["quiet_img_s"] and row["busy_img_s"]:
                 row["busy_over_quiet"] = row["busy_img_s"] / row["quiet_img_s"]
             row.update({f"{k}_error": v.get("error") for k, v in (("quiet", quiet), ("busy", busy)) if v.get("error")})
             out[f"{model}_{name}"] = row
-            print(f"  {model:5s} {name:5s}: quiet {fmt(row['quiet_img_s'], '.2f')} img/s, busy "
+            print(f"  {model:5s} {name:7s}: quiet {fmt(row['quiet_img_s'], '.2f')} img/s, busy "
                   f"{fmt(row['busy_img_s'], '.2f')} img/s, busy/quiet {fmt(row.get('busy_over_quiet'), '.2f')}",
                   flush=True)
     return out

@@ -90,8 +90,8 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
                        help="under torchrun, BatchNorm statistics over the global batch")
     run = p.add_argument_group("run")
     run.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first that exists)")
-    run.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per core; idle threads "
-                     "sleep rather than spin, so a CPU shared with other work stays fast)")
+    run.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per core; 1 keeps a CPU "
+                     "that another program also uses from slowing down many times)")
     run.add_argument("--seed", type=int)
     run.add_argument("--val-every", type=int, default=1, metavar="N",
                      help="validate every N epochs and after the last (validation at full resolution costs time)")

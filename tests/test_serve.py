@@ -305,6 +305,7 @@ def browser_screenshot(url: str, image: Path, out: Path, opacity: float | None =
                     "install chromium chromium-driver; .ci/run installs them)")
 def test_browser_shows_the_overlays(models, tmp_path):
     """A real headless Chromium uploads a demo val image; the overlays appear with the class colours."""
+    pytest.importorskip("selenium", reason="selenium is not installed (.ci/run installs it)")
     image = sorted((demo.make_demo_voc() / "JPEGImages").glob("demo_val_*.jpg"))[0]
     shot = tmp_path / "serve.png"
     with running(serve.create_app(models, CPU)) as url:
