@@ -26,15 +26,22 @@ DEFAULTS = {
 }
 FINETUNE_EPOCHS = {"full": 10, "demo": 4}   # the original repository's "then 10 more epochs at lr 1e-5"
 
+# The book's training recipe, and the common one of torchvision's segmentation reference (less weight decay under
+# Adam, poly decay, flips and scales 0.5-2), each as a diff of the defaults above.
+BOOK = {key: BOOK_DEFAULTS[key] for key in ("optimizer", "lr", "loss", "void")}
+REFERENCE = dict(lr=1e-3, wd=1e-4, lr_schedule="poly", hflip=True, scale=[0.5, 2.0])
+
 # Each row of the study: what differs from the defaults above. "then" fine-tunes another preset's result.
 PRESETS = {
-    "fcn-sgd-1e-3": dict(model="fcn", optimizer="sgd", lr=1e-3, loss="sum", void="background"),   # the book
-    "unet-sgd-1e-3": dict(model="unet", optimizer="sgd", lr=1e-3, loss="sum", void="background"),  # only the network
-    "unet-adam-1e-3": dict(optimizer="adam", lr=1e-3),
-    "unet-adam-1e-4": dict(),                                                                     # the default
-    "unet-adam-1e-4-ft-1e-5": dict(lr=1e-5, then="unet-adam-1e-4"),                               # 30 + 10 epochs
+    "fcn-sgd-1e-3": dict(BOOK, model="fcn"),                                        # the book
+    "unet-sgd-1e-3": dict(BOOK, model="unet"),                                      # only the network
+    "unet-adam-1e-3": dict(lr=1e-3),
+    "unet-adam-1e-4": dict(),                                                       # the default
+    "unet-adam-1e-4-ft-1e-5": dict(lr=1e-5, then="unet-adam-1e-4"),                 # 30 + 10 epochs
     "unet-adam-1e-4-void-bg": dict(void="background", only_with_background=True),   # what ignoring void buys
-    "unet-adam-1e-3-mfw": dict(lr=1e-3, class_weights="median-freq"),   # + SegNet's class balancing
+    "fcn-reference": dict(REFERENCE, model="fcn"),                                  # the book's network, today's recipe
+    "unet-reference": dict(REFERENCE),
+    "unet-reference-mfw": dict(REFERENCE, class_weights="median-freq"),             # + SegNet's class balancing
 }
 
 

@@ -16,6 +16,7 @@ DEFAULTS = {
     "pretrained": "imagenet",
     "optimizer": "sgd",         # plain SGD, no momentum
     "lr": 1e-3,
+    "lr_schedule": "constant",
     "wd": 1e-3,
     "loss": "sum",              # per-image mean cross-entropy summed over the batch, as the book's l.sum().backward()
     "void": "background",       # the book's colormap has no boundary colour, so void pixels are trained as class 0
@@ -23,6 +24,8 @@ DEFAULTS = {
     "epochs": 30,
     "batch_size": 32,
     "crop": [320, 480],
+    "scale": [1.0, 1.0],        # random crops at the image's own scale, no mirroring: the book's only augmentation
+    "hflip": False,
     "device": None,             # cuda, else mps, else cpu
     "seed": 0,
     "workers": None,            # 4 on a GPU, 0 on the CPU

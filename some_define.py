@@ -236,11 +236,32 @@ def voc_rand_crop(feature: torch.Tensor, label: torch.Tensor, height: int, width
                        height, width)
 
 
+def rand_scaled_window(image_hw: tuple[int, int], crop_hw: tuple[int, int], scales: tuple[float, float],
+                       generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random window of crop_hw / s, s uniform in ``scales``: scale augmentation
+    (the book crops at the image's own scale)."""
+    s = scales[0] + (scales[1] - scales[0]) * float(torch.rand((), generator=generator))
+    height, width = round(crop_hw[0] / s), round(crop_hw[1] / s)
+    return (*rand_crop_window(image_hw, (height, width), generator), height, width)
+
+
+def scaled_crop(feature: torch.Tensor, label: torch.Tensor, top: int, left: int, height: int, width: int,
+                crop_hw: tuple[int, int], hflip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A window resized to crop_hw (image bilinear, label nearest) and mirrored left-right if ``hflip``."""
+    feature, label = crop_window(feature, label, top, left, height, width)
+    if (height, width) != tuple(crop_hw):
+        feature = F.interpolate(feature[None].float(), size=tuple(crop_hw), mode="bilinear", antialias=True)
+        feature = feature[0].round_().clamp_(0, 255).to(torch.uint8)
+        label = F.interpolate(label[None, None].float(), size=tuple(crop_hw), mode="nearest-exact")[0, 0]
+        label = label.to(torch.uint8)
+    return (feature.flip(-1), label.flip(-1)) if hflip else (feature, label)
+
+
 class SegDataset(torch.utils.data.Dataset):
     """A split held in memory as uint8 (the book: normalised float32, ~10x the memory; normalize_images runs per
     batch on the training device instead). Items are random crops; a key (index, top, left) from
     RandomCropBatchSampler names the window, so every data path (any DataLoader workers, or crops sliced on the GPU)
-    cuts exactly the same crops."""
+    cuts exactly the same crops; a key (index, top, left, height, width, hflip) names a scaled and mirrored one."""
 
     def __init__(self, images: list[torch.Tensor], labels: list[torch.Tensor], names: list[str],
                  crop_size: tuple[int, int]):
@@ -250,11 +271,13 @@ class SegDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(key, int):
             return voc_rand_crop(self.images[key], self.labels[key], *self.crop_size)
-        i, top, left = key
-        return crop_window(self.images[i], self.labels[i], top, left, *self.crop_size)
+        i, *window = key
+        if len(window) == 2:
+            return crop_window(self.images[i], self.labels[i], *window, *self.crop_size)
+        return scaled_crop(self.images[i], self.labels[i], *window[:4], self.crop_size, window[4])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.images + self.labels)
@@ -275,11 +298,15 @@ class VOCSegDataset(SegDataset):
 
 class RandomCropBatchSampler(torch.utils.data.Sampler):
     """Shuffled batches of (index, top, left) keys, the same for a given seed and epoch; drops the last partial batch
-    as the book's DataLoader does. ``rank``/``world_size`` shard each batch for distributed training."""
+    as the book's DataLoader does. ``rank``/``world_size`` shard each batch for distributed training. With
+    ``scales`` other than (1, 1) or ``hflip``, keys are (index, top, left, height, width, hflip): windows of a random
+    scale, mirrored half of the time."""
 
-    def __init__(self, dataset: SegDataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset: SegDataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 scales: tuple[float, float] = (1.0, 1.0), hflip: bool = False):
         self.sizes = [tuple(label.shape) for label in dataset.labels]
         self.crop_size, self.batch_size, self.seed = dataset.crop_size, batch_size, seed
+        self.scales, self.hflip = tuple(scales), hflip
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         if len(self.sizes) < batch_size:
@@ -295,10 +322,15 @@ class RandomCropBatchSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.sizes), generator=g).tolist()
         for b in range(len(self)):
-            batch = [(i, *rand_crop_window(self.sizes[i], self.crop_size, g))
-                     for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+            batch = [self.window(i, g) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
             per_rank = self.batch_size // self.world_size
             yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def window(self, i: int, g: torch.Generator) -> tuple[int, ...]:
+        if self.scales == (1.0, 1.0) and not self.hflip:   # the book's crops (and the same random draws)
+            return (i, *rand_crop_window(self.sizes[i], self.crop_size, g))
+        flip = self.hflip and bool(torch.rand((), generator=g) < 0.5)
+        return (i, *rand_scaled_window(self.sizes[i], self.crop_size, self.scales, g), flip)
 
 
 def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -650,31 +682,42 @@ def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Itera
 # Fully Convolutional Networks: prediction, and evaluation at full resolution
 # ---------------------------------------------------------------------------------------------------------------------
 
+def padded_size(image_hw: Sequence[int]) -> tuple[int, int]:
+    """An image's size padded to multiples of 32, as the networks need."""
+    return image_hw[0] + -image_hw[0] % 32, image_hw[1] + -image_hw[1] % 32
+
+
+def padded_logits(net: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
+                  amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False
+                  ) -> torch.Tensor:
+    """Logits (N x C x padded H x padded W) of uint8 images of one padded_size; ``tta`` averages them with those of
+    the horizontally mirrored batch (mirrored back)."""
+    x = torch.stack([pad_to_multiple(to_device_batch(image[None], device, False), 32)[0] for image in images])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp_dtype):
+        logits = net(x)
+        if tta:
+            logits = (logits + net(x.flip(-1)).flip(-1)) / 2
+    return logits
+
+
 @torch.inference_mode()
 def predict_full_res(net: nn.Module, images: Sequence[torch.Tensor], device: torch.device, batch_size: int = 8,
                      amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False
                      ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (index, predicted labels H x W) for every image at full resolution. Images that pad to the same
-    multiple-of-32 size are batched together, so each prediction equals the one of that image alone.
-    ``tta`` averages the logits with those of the horizontally mirrored batch (mirrored back)."""
+    multiple-of-32 size are batched together, so each prediction equals the one of that image alone."""
     net.eval()
     if channels_last:
         net.to(memory_format=torch.channels_last)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
-        h, w = image.shape[1:]
-        groups.setdefault((h + -h % 32, w + -w % 32), []).append(i)
+        groups.setdefault(padded_size(image.shape[1:]), []).append(i)
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            x = torch.stack([pad_to_multiple(to_device_batch(images[i][None], device, False), 32)[0] for i in chunk])
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                logits = net(x)
-                if tta:
-                    logits = (logits + net(x.flip(-1)).flip(-1)) / 2
-            pred = logits.argmax(1)
+            pred = padded_logits(net, [images[i] for i in chunk], device, amp_dtype, channels_last, tta).argmax(1)
             for i, p in zip(chunk, pred):
                 h, w = images[i].shape[1:]
                 yield i, p[:h, :w]

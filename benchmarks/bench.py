@@ -13,7 +13,8 @@ Sections, in the order they run (the one that can run long, with torch.compile, 
            device with the auto flags (on CUDA also torch.compile, and peak memory), in interleaved rounds; on the
            CPU the ceiling is then measured again and the higher value kept
  5. busy   (CPU, only when asked for) the fast train step quiet and while another process runs a 2-thread matmul
-           loop, with OpenMP's default wait policy, with threads that always spin, and with threads that sleep
+           loop, with OpenMP's default wait policy, with threads that always spin, with threads that sleep, and with
+           the thread count chosen from the load as the scripts choose it
 A failing section records its error and the next one runs; the JSON is rewritten after every section. The model
 settings (optimizer, lr, wd, loss, void) are the training scripts' DEFAULTS. Results: benchmarks/RESULTS.md.
 """
@@ -48,7 +49,7 @@ import some_define as sd  # noqa: E402
 from support.distributed import DistributedContext, wrap_for_training  # noqa: E402
 from support.files import write_json  # noqa: E402
 from support.speed import (bf16_peak_flops, inference_flags, keep_transposed_convs_fp32_on_cpu,  # noqa: E402
-                           resolve_speed_flags, train_flops_per_image)
+                           resolve_speed_flags, threads_for_load, train_flops_per_image)
 from support.training import training_batches  # noqa: E402
 
 MODEL_DEFAULTS = {d["model"]: d for d in (origin_train.DEFAULTS, my_train.DEFAULTS)}   # fcn, unet: as trained
@@ -474,15 +475,21 @@ def bench_train_model(name: str, args, ctx: DistributedContext, peak: dict) -> d
 COMPETITOR = "import torch; torch.set_num_threads(2); a = torch.randn(1024, 1024)\nwhile True: a @ a"
 
 
+BUSY_POLICIES = ((None, "default"), ("ACTIVE", "spin"), ("PASSIVE", "sleep"), ("load", "load"))
+
+
 def busy_child(model: str, policy: str | None, busy: bool, args) -> dict:
     """The fast train step of ``model`` in a fresh process with OMP_WAIT_POLICY=``policy`` (None: unset, OpenMP's
-    default), optionally while a competing process runs a 2-thread matmul loop (spinning, as most programs' do)."""
+    default; "load": unset, threads chosen from the load as the scripts do), optionally while a competing process
+    runs a 2-thread matmul loop (spinning, as most programs' do)."""
     competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR],
                                   env=dict(os.environ, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="2")) if busy else None
     try:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--sections", "train", "--variants", "fast",
                    "--models", model, "--crop", *map(str, args.crop), "--batch", str(args.batch), "--json", f.name]
+            if policy == "load":
+                cmd, policy = cmd + ["--threads-for-load"], None
             if busy:
                 time.sleep(2)   # the competitor at full speed first
             env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -502,7 +509,9 @@ def bench_busy(args) -> dict:
     """Quiet and busy images/s per model and wait policy, and busy / quiet (a fair share of 2 cores is 0.5)."""
     out = {}
     for model in args.models:
-        for policy, name in ((None, "default"), ("ACTIVE", "spin"), ("PASSIVE", "sleep")):
+        for policy, name in BUSY_POLICIES:
+            if name not in args.busy_policies:
+                continue
             quiet, busy = busy_child(model, policy, False, args), busy_child(model, policy, True, args)
             row = {"quiet_img_s": quiet.get("img_s"), "busy_img_s": busy.get("img_s")}
             if row["quiet_img_s"] and row["busy_img_s"]:
@@ -597,6 +606,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int,
                    help="steps per variant per round (default: 5 on a GPU; on the CPU 3 for the FCN, 1 for the UNet)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--busy-policies", nargs="+", choices=[name for _, name in BUSY_POLICIES],
+                   default=[name for _, name in BUSY_POLICIES], help="the busy section's thread settings: OpenMP's "
+                   "default, always spin, always sleep, threads from the load (the scripts' default)")
+    p.add_argument("--threads-for-load", action="store_true",
+                   help="choose the thread count from the other programs' load, as the scripts do on the CPU")
     p.add_argument("--peak-n", type=int, help="matmul size (default: 2048 on the CPU, 8192 on a GPU)")
     p.add_argument("--eval-images", type=int)
     p.add_argument("--eval-batch", type=int)
@@ -649,6 +663,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.threads_for_load:   # the choice at the start; the scripts look again every 10 s
+        threads_for_load(None, torch.device("cpu"))
     if args.data_worker:
         print(json.dumps(data_worker(args.data_worker, args.data_tree, tuple(args.data_crop), args.data_batch,
                                      args.data_passes, args.data_workers)))

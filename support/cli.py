@@ -51,6 +51,11 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
     data.add_argument("--val-split", default="val", metavar="NAME",
                       help="ImageSets/Segmentation/NAME.txt, or NAME.txt of a folder of 'image mask' pair lists")
     data.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (the book: 320 480)")
+    data.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                      help="scale augmentation: each crop is cut at a random scale in [MIN, MAX] (1 1: the book's "
+                      "crops at the image's own scale)")
+    data.add_argument("--hflip", action=argparse.BooleanOptionalAction,
+                      help="mirror half of the training crops left-right")
     data.add_argument("--void", choices=["background", "ignore"],
                       help="void pixels: trained as background (the book; only where class 0 is 'background') or "
                       "ignored")
@@ -67,6 +72,9 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
     model.add_argument("--pretrained", help="imagenet, none, or a path to resnet18-f37072fd.pth")
     model.add_argument("--optimizer", choices=["sgd", "adam"])
     model.add_argument("--lr", type=float)
+    model.add_argument("--lr-schedule", choices=["constant", "poly"],
+                       help="constant: the book's; poly: lr x (1 - done/epochs)^0.9 per epoch, as torchvision's "
+                       "segmentation reference")
     model.add_argument("--wd", type=float, help="weight decay")
     model.add_argument("--loss", choices=["sum", "mean"],
                        help="sum: the book's per-image mean cross-entropy summed over the batch; mean: over pixels")
@@ -90,8 +98,8 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
                        help="under torchrun, BatchNorm statistics over the global batch")
     run = p.add_argument_group("run")
     run.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first that exists)")
-    run.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per core; 1 keeps a CPU "
-                     "that another program also uses from slowing down many times)")
+    run.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per core that other "
+                     "programs leave free, looked at again every 10 s; OMP_NUM_THREADS fixes it too)")
     run.add_argument("--seed", type=int)
     run.add_argument("--val-every", type=int, default=1, metavar="N",
                      help="validate every N epochs and after the last (validation at full resolution costs time)")
@@ -131,6 +139,8 @@ def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Name
               (args.batch_size >= 1, "--batch-size must be at least 1"),
               (args.lr > 0, "--lr must be positive"),
               (args.wd >= 0, "--wd must not be negative"),
+              (0 < args.scale[0] <= args.scale[1], f"--scale {args.scale[0]:g} {args.scale[1]:g}: need "
+               f"0 < MIN <= MAX"),
               (args.workers >= 0, "--workers must not be negative"),
               (args.accum_steps >= 1, "--accum-steps must be at least 1"),
               (args.val_every >= 1, "--val-every must be at least 1"),
@@ -177,7 +187,8 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     p.add_argument("--metrics", help="JSON file for --eval (default: metrics_SPLIT.json next to the checkpoint)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first that exists)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per core)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: one per core that other programs leave free)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision, as in training (auto: bf16 on CUDA GPUs that have it and on CPUs with AMX)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -18,7 +18,7 @@ from .export import predict_images
 from .figures import prediction_figure
 from .files import save_figure, write_json
 from .demo import DEMO_DIR
-from .speed import inference_flags, set_threads, try_all_gpus_or_cpu
+from .speed import inference_flags, set_threads, threads_for_load, try_all_gpus_or_cpu
 
 
 def open_model(path: str | os.PathLike, device: torch.device) -> tuple[nn.Module, dict]:
@@ -74,6 +74,7 @@ def run_prediction(args: argparse.Namespace, network: str, strict: bool, compare
     warning); with ``compare`` (an FCN checkpoint), side by side."""
     device = try_all_gpus_or_cpu(args.device)
     set_threads(args.threads)
+    threads_for_load(args.threads, device)
     path = Path(args.checkpoint)
     net, checkpoint = open_model(path, device)
     if checkpoint["model"] != network:

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import copy
+import math
+import os
+import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,11 +37,67 @@ def try_all_gpus_or_cpu(name: str | None = None) -> torch.device:
 
 
 def set_threads(threads: int | None) -> None:
-    """--threads N: N intra-op threads on the CPU (default: PyTorch's, one per core)."""
+    """--threads N: N intra-op threads on the CPU (default: PyTorch's, one per core; see ThreadsForLoad)."""
     if threads is not None:
         if threads < 1:
             raise UsageError(f"--threads {threads}: give at least 1")
         torch.set_num_threads(threads)
+
+
+DEFAULT_THREADS = torch.get_num_threads()   # PyTorch's choice (one per core), before anything changes it
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, busy seconds of the cores this process may use, this process's CPU seconds), from Linux's
+    /proc/stat."""
+    cores = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+    busy = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *ticks = line.split()
+            if name in cores:   # user nice system idle iowait irq softirq steal
+                values = [int(t) for t in ticks[:8]]
+                busy += sum(values) - values[3] - values[4]
+    return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+class ThreadsForLoad:
+    """On the CPU, with neither --threads nor OMP_NUM_THREADS: as many threads as cores that other programs leave
+    free, checked again every ``interval`` seconds. OpenMP threads wait for each other at every operation, so a
+    thread more than there are free cores makes each step wait for a descheduled sibling: 10-20x slower
+    (benchmarks/RESULTS.md, "A busy CPU")."""
+
+    def __init__(self, interval: float = 10.0, read: Callable[[], tuple[float, float, float]] = cpu_seconds,
+                 log: Callable[[str], None] = print, cores: int = DEFAULT_THREADS):
+        self.interval, self.read, self.log = interval, read, log
+        self.cores = self.threads = cores
+        torch.set_num_threads(cores)   # a run after another in one process (the study) starts afresh
+        self.last = read()
+        time.sleep(0.2)   # a first look before the first step
+        self.update(force=True)
+
+    def update(self, force: bool = False) -> None:
+        now = self.read()
+        wall, busy, own = (b - a for a, b in zip(self.last, now))
+        if wall < self.interval and not force:
+            return
+        self.last = now
+        others = max(0.0, (busy - own) / wall)
+        threads = max(1, min(self.cores, self.cores - math.floor(others + 0.5)))
+        if threads != self.threads:
+            self.log(f"other programs keep {others:.1f} of {self.cores} cores busy: {threads} thread(s) now "
+                     f"(--threads N to choose)")
+            torch.set_num_threads(threads)
+            self.threads = threads
+
+
+def threads_for_load(threads: int | None, device: torch.device, world_size: int = 1,
+                     log: Callable[[str], None] = print) -> ThreadsForLoad | None:
+    """A ThreadsForLoad where it applies: a single process on the CPU (Linux), threads left to us."""
+    if threads is not None or "OMP_NUM_THREADS" in os.environ or device.type != "cpu" or world_size > 1 \
+            or not os.path.exists("/proc/stat"):
+        return None
+    return ThreadsForLoad(log=log)
 
 
 def cpu_has_amx() -> bool:

@@ -85,10 +85,18 @@ def study_pictures_dir(demo: bool, data_dir: Path) -> Path:
     return Path("pictures") if demo or is_voc_dir(data_dir) else Path("pictures") / data_dir.name.lower()
 
 
+def augmentation(config: dict) -> str:
+    """A run's data augmentation in words: 'crop' (the book's), plus flips and the scale range."""
+    scale = config.get("scale", [1.0, 1.0])
+    words = ["crop"] + (["flip"] if config.get("hflip") else []) + \
+        ([f"scale {scale[0]:g}-{scale[1]:g}"] if scale != [1.0, 1.0] else [])
+    return ", ".join(words)
+
+
 def study_table(rows: list[dict], data: str) -> str:
     """study.md: one row per preset, then per-class IoU."""
-    head = ["preset", "network", "optimizer", "lr", "loss", "void", "class weights", "epochs", "pixel acc",
-            "d2l pixel acc", "mean class acc", "mIoU", "train time (s)", "images/s"]
+    head = ["preset", "network", "optimizer", "lr", "wd", "loss", "void", "class weights", "augmentation", "epochs",
+            "pixel acc", "d2l pixel acc", "mean class acc", "mIoU", "train time (s)", "images/s"]
     lines = [f"# The study on {data}", "", "Validation metrics at full resolution over the whole val split.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -98,9 +106,9 @@ def study_table(rows: list[dict], data: str) -> str:
         seconds = sum(float(e["seconds"]) for e in h)
         speed = sum(float(e["img_per_s"]) for e in own) / len(own)
         d2l = f"{r['d2l_pixel_acc']:.3f}" if "d2l_pixel_acc" in r else "-"   # only with a background class
-        lines.append(f"| {r['preset']} | {c['model']} | {c['optimizer']} | {c['lr']:g} | {c['loss']} | {c['void']} | "
-                     f"{c.get('class_weights', 'none')} | "
-                     f"{epochs} | {r['pixel_acc']:.3f} | {d2l} | {r['mean_class_acc']:.3f} | {r['miou']:.3f} | "
+        lr = f"{c['lr']:g}" + (" poly" if c.get("lr_schedule") == "poly" else "")
+        lines.append(f"| {r['preset']} | {c['model']} | {c['optimizer']} | {lr} | {c['wd']:g} | {c['loss']} | "
+                     f"{c['void']} | {c.get('class_weights', 'none')} | {augmentation(c)} | {epochs} | {r['pixel_acc']:.3f} | {d2l} | {r['mean_class_acc']:.3f} | {r['miou']:.3f} | "
                      f"{seconds:.0f} | {speed:.1f} |")
     classes = [k for k in rows[0]["per_class_iou"] if any(r["per_class_iou"][k] is not None for r in rows)]
     lines += ["", "Per-class IoU (classes absent from the val split and from every prediction are left out):", "",

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from some_define import UsageError, autocast, pad_to_multiple, predict, to_device_batch
+from some_define import UsageError, padded_logits, padded_size, predict
 
 DEFAULT_TILE = (512, 512)
 DEFAULT_OVERLAP = 0.25
@@ -57,11 +57,6 @@ def axis_starts(length: int, tile: int, overlap: float) -> list[int]:
     return list(range(0, length - tile, stride)) + [length - tile]
 
 
-def padded_size(image_hw: tuple[int, int]) -> tuple[int, int]:
-    """The image's size padded to multiples of 32, as whole-image prediction pads it."""
-    return image_hw[0] + -image_hw[0] % 32, image_hw[1] + -image_hw[1] % 32
-
-
 def window_size(image_hw: tuple[int, int], tile_hw: tuple[int, int]) -> tuple[int, int]:
     """A tile larger than the (padded) image shrinks to it."""
     return min(tile_hw[0], padded_size(image_hw)[0]), min(tile_hw[1], padded_size(image_hw)[1])
@@ -81,11 +76,7 @@ def tile_logits(net: nn.Module, tile: torch.Tensor, device: torch.device, amp_dt
                 channels_last: bool, tta: bool) -> torch.Tensor:
     """float32 logits (C x h x w) of one uint8 window, computed as predict_full_res computes a whole image."""
     h, w = tile.shape[1:]
-    x = pad_to_multiple(to_device_batch(tile[None], device, False), 32)
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    with autocast(device, amp_dtype):
-        logits = (net(x) + net(x.flip(-1)).flip(-1)) / 2 if tta else net(x)
-    return logits[0, :, :h, :w].float()
+    return padded_logits(net, [tile], device, amp_dtype, channels_last, tta)[0, :, :h, :w].float()
 
 
 @torch.inference_mode()

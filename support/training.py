@@ -27,7 +27,7 @@ from .download import training_data_dir
 from .figures import plot_curves
 from .files import check_writable_dir, link_or_copy, save_figure, write_history
 from .speed import (bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed_flags, set_threads,
-                    train_flops_per_image)
+                    threads_for_load, train_flops_per_image)
 
 
 class TrainingStopped(UsageError):
@@ -95,6 +95,11 @@ def restore_progress(state: dict, path: Path, optimizer: torch.optim.Optimizer, 
     return state["epoch"] + 1, state["step"], state["last_epoch"], partial, seconds
 
 
+def epoch_lr(lr: float, schedule: str, done: int, epochs: int) -> float:
+    """The learning rate of an epoch after ``done`` of a run's ``epochs``."""
+    return lr * (1 - done / epochs) ** 0.9 if schedule == "poly" else lr
+
+
 def epoch_line(row: dict, epochs: int, device: torch.device, flops_per_image: float | None) -> str:
     """The book's per-epoch summary, plus mIoU, speed, and on a GPU how close the speed is to the bf16 peak."""
     line = f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f}, train acc {row['train_acc']:.3f}, "
@@ -126,6 +131,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         raise UsageError(f"--batch-size {args.batch_size} is the global batch and must divide evenly over "
                          f"{ctx.world_size} processes")
     log = print if ctx.is_main else (lambda *a, **k: None)
+    load_threads = threads_for_load(args.threads, device, ctx.world_size, log)
     log(f"reading {data_dir} ...")
     train_set = read_split(data_dir, args.train_split, colormap, args.ignore_index, args.skip_bad, args.crop)
     val_set = read_split(data_dir, args.val_split, colormap, args.ignore_index, args.skip_bad, args.crop)
@@ -157,7 +163,7 @@ def train(args: argparse.Namespace) -> list[dict]:
 
     micro = args.batch_size // ctx.world_size
     sampler = RandomCropBatchSampler(train_set, args.batch_size * args.accum_steps, seed=args.seed,
-                                     rank=ctx.rank, world_size=ctx.world_size)
+                                     rank=ctx.rank, world_size=ctx.world_size, scales=args.scale, hflip=args.hflip)
     batches = training_batches(train_set, sampler, device, speed["data_on_device"], args.workers)
     val_share = val_set.shard(ctx.rank, ctx.world_size)   # every val image counted once over the processes
     amp = str(speed["amp_dtype"]).replace("torch.", "") if speed["amp_dtype"] else "off"
@@ -178,6 +184,9 @@ def train(args: argparse.Namespace) -> list[dict]:
     with StopOnInterrupt() as interrupt:
         for epoch in range(first_epoch, last_epoch + 1):
             sampler.set_epoch(epoch)
+            lr = epoch_lr(args.lr, args.lr_schedule, epoch - (last_epoch - args.epochs + 1), args.epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             resumed = epoch == first_epoch and skip_steps
             start = time.perf_counter() - (seconds_before if epoch == first_epoch else 0.0)
             if device.type == "cuda":
@@ -194,6 +203,8 @@ def train(args: argparse.Namespace) -> list[dict]:
                     raise TrainingStopped(
                         f"the loss became {loss} at epoch {epoch}, step {step}; {out / 'last.pt'} keeps the last good "
                         f"epoch ({epoch - 1}); try a lower --lr (now {args.lr:g})")
+                if load_threads:
+                    load_threads.update()
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.3f}")
                 if interrupt.requested:
@@ -223,7 +234,7 @@ def train(args: argparse.Namespace) -> list[dict]:
                                    speed["channels_last"])
                 metrics.reduce_from_all_processes(device)
                 val = metrics.compute(class_names)
-            history.append({"epoch": epoch, "lr": args.lr, "train_loss": loss_sum / len(sampler),
+            history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / len(sampler),
                             "train_acc": correct / max(counted, 1), "val_acc": val["pixel_acc"],
                             "val_miou": val["miou"], "img_per_s": seen / seconds, "seconds": seconds})
             log(epoch_line(history[-1], last_epoch, device, flops), flush=True)

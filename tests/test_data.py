@@ -333,3 +333,71 @@ def test_split_file_missing_or_empty(tmp_path):
     (voc_dir / "ImageSets" / "Segmentation" / "val.txt").write_text("\n")
     with pytest.raises(sd.UsageError, match="val.txt: the split is empty"):
         data.read_split(voc_dir, "val", sd.VOC_COLORMAP)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scale and mirror augmentation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_book_sampler_keys_are_unchanged_by_the_augmentation_options():
+    ds = coord_dataset()
+    plain = sd.RandomCropBatchSampler(ds, batch_size=3, seed=4)
+    explicit = sd.RandomCropBatchSampler(ds, batch_size=3, seed=4, scales=(1.0, 1.0), hflip=False)
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        explicit.set_epoch(epoch)
+        assert keys_of(plain) == keys_of(explicit)
+        assert all(len(key) == 3 for batch in keys_of(plain) for key in batch)
+
+
+def test_scaled_windows_stay_in_range_and_flip_about_half():
+    ds = coord_dataset(sizes=[(40, 50)] * 6)
+    sampler = sd.RandomCropBatchSampler(ds, batch_size=6, seed=1, scales=(0.5, 2.0), hflip=True)
+    heights, flips = [], []
+    for epoch in range(40):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            for i, top, left, h, w, flip in batch:
+                assert 12 <= h <= 48 and 16 <= w <= 64
+                assert abs(w / h - 32 / 24) < 0.1                   # one scale for both sides
+                assert 0 <= top <= max(40, h) - h and 0 <= left <= max(50, w) - w
+                image, label = ds[(i, top, left, h, w, flip)]
+                assert image.shape == (3, 24, 32) and label.shape == (24, 32) and image.dtype == torch.uint8
+                heights.append(h)
+                flips.append(flip)
+    assert min(heights) < 16 and max(heights) > 40                # zoomed in and out
+    assert 0.4 < sum(flips) / len(flips) < 0.6
+
+
+def test_mirrored_window_at_scale_one_is_the_window_flipped():
+    ds = coord_dataset()
+    image, label = ds[(0, 5, 7, 24, 32, True)]
+    plain_image, plain_label = ds[(0, 5, 7)]
+    assert torch.equal(image, plain_image.flip(-1)) and torch.equal(label, plain_label.flip(-1))
+    assert torch.equal(ds[(0, 5, 7, 24, 32, False)][1], plain_label)
+
+
+def test_zoomed_out_window_takes_every_second_pixel_of_label_and_image():
+    ds = coord_dataset(sizes=[(60, 70)])
+    top, left = 3, 5
+    image, label = ds[(0, top, left, 48, 64, False)]            # a window twice the crop, shrunk by 2
+    rows = top + 2 * torch.arange(24) + 1                       # nearest-exact: the second pixel of each pair
+    cols = left + 2 * torch.arange(32) + 1
+    assert torch.equal(label, coord_label(60, 70, 0)[rows][:, cols])
+    # Bilinear with antialiasing averages each 2 x 2 block, whose mean row is 2r + 0.5 (channel 0 is the row).
+    expected_rows = (top + 2 * torch.arange(24) + 0.5).view(-1, 1).expand(24, 32)
+    assert (image[0].float() - expected_rows).abs().max() <= 1.0
+    assert bool((image[2] == 0).all())
+
+
+def test_augmented_batches_are_the_same_on_every_data_path():
+    ds = coord_dataset()
+
+    def sampler():
+        s = sd.RandomCropBatchSampler(ds, batch_size=2, seed=3, scales=(0.5, 2.0), hflip=True)
+        s.set_epoch(2)
+        return s
+
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler(), collate_fn=sd.collate_crops, num_workers=2)
+    for (x, y), (xd, yd) in zip(loader, sd.crop_batches_on_device(ds, sampler())):
+        assert torch.equal(x, xd) and torch.equal(y, yd)

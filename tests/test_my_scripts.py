@@ -65,6 +65,17 @@ def test_each_preset_sets_its_network_optimizer_and_lr(name, model, optimizer, l
         assert args.finetune_from is None and args.epochs == 30
 
 
+def test_reference_presets_differ_from_each_other_only_where_named():
+    fcn, unet, mfw = preset("fcn-reference"), preset("unet-reference"), preset("unet-reference-mfw")
+    assert (unet.optimizer, unet.lr, unet.wd, unet.lr_schedule, unet.hflip, unet.scale) == \
+        ("adam", 1e-3, 1e-4, "poly", True, [0.5, 2.0])
+    differ = lambda a, b: {k for k in vars(a) if getattr(a, k) != getattr(b, k)} - {"out"}
+    assert differ(fcn, unet) == {"model"}
+    assert differ(mfw, unet) == {"class_weights"}
+    book = preset("fcn-sgd-1e-3")        # the book's recipe: no schedule, no augmentation beyond the crop
+    assert (book.lr_schedule, book.hflip, book.scale, book.wd) == ("constant", False, [1.0, 1.0], 1e-3)
+
+
 def test_user_flags_win_over_the_preset():
     args = preset("unet-adam-1e-3", "--lr", "3e-4", "--epochs", "2")
     assert (args.lr, args.epochs, args.optimizer) == (3e-4, 2, "adam")

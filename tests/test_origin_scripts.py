@@ -192,3 +192,24 @@ def test_val_every_validates_every_nth_and_the_last_epoch(tmp_path):
     best = checkpoints.load_checkpoint(out / "best.pt")
     assert best["epoch"] in (2, 3) and best["history"][-1]["val_miou"] is not None
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_poly_schedule_lowers_the_lr_each_epoch_and_augmented_crops_train(tmp_path):
+    make_voc_tree(tmp_path / "data", TINY_TRAIN_SIZES, TINY_VAL_SIZES)
+    out = tmp_path / "run"
+    trained = run_script("origin_train.py", "--voc-dir", str(tmp_path / "data"), "--pretrained", "none",
+                         "--device", "cpu", "--epochs", "3", "--crop", "32", "32", "--batch-size", "2",
+                         "--lr", "0.01", "--lr-schedule", "poly", "--scale", "0.5", "2", "--hflip",
+                         "--val-every", "3", "--out", str(out))
+    assert_ok(trained)
+    _, rows = read_history(out / "history.csv")
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.01, 0.01 * (2 / 3) ** 0.9, 0.01 * (1 / 3) ** 0.9])
+    config = checkpoints.load_checkpoint(out / "last.pt")["config"]
+    assert config["lr_schedule"] == "poly" and config["scale"] == [0.5, 2.0] and config["hflip"] is True
+
+
+@pytest.mark.parametrize("flags, mentions", [(["--scale", "2", "1"], "--scale 2 1"),
+                                             (["--scale", "0", "1"], "--scale 0 1")])
+def test_bad_scale_is_a_one_line_error(tmp_path, flags, mentions):
+    line = assert_one_line_error(run_script("origin_train.py", "--demo", "--out", str(tmp_path / "r"), *flags))
+    assert mentions in line

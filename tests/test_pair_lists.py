@@ -129,16 +129,18 @@ def test_study_on_a_pair_list_dataset(tmp_path):
     pictures = tmp_path / "pics"
     result = run_script("my_train.py", "--study", "--voc-dir", str(root), "--classes", str(root / "classes.txt"),
                         "--ignore-index", str(UNLABELLED), "--presets", "fcn-sgd-1e-3", "unet-adam-1e-4-void-bg",
-                        "unet-adam-1e-3-mfw", "--out", str(tmp_path / "runs"), "--pictures", str(pictures),
+                        "unet-reference-mfw", "--out", str(tmp_path / "runs"), "--pictures", str(pictures),
                         "--epochs", "1", "--batch-size", "2", "--crop", "32", "32", "--pretrained", "none",
                         "--device", "cpu", "--num", "2")
     assert result.returncode == 0, result.stderr
     assert "unet-adam-1e-4-void-bg: left out, class 0 is 'sky'" in result.stdout
     table = (pictures / "study.md").read_text()
-    assert "| fcn-sgd-1e-3 | fcn | sgd | 0.001 | sum | ignore | none |" in table   # the book's void rule left out
-    assert "| unet-adam-1e-3-mfw | unet | adam | 0.001 | mean | ignore | median-freq |" in table
+    # The book's void rule is left out; the reference recipe shows its lr schedule, weight decay and augmentation.
+    assert "| fcn-sgd-1e-3 | fcn | sgd | 0.001 | 0.001 | sum | ignore | none | crop | 1 |" in table
+    assert ("| unet-reference-mfw | unet | adam | 0.001 poly | 0.0001 | mean | ignore | median-freq | "
+            "crop, flip, scale 0.5-2 | 1 |") in table
     assert "void-bg" not in table and (pictures / "study.png").is_file() and (pictures / "study_curves.png").is_file()
-    config = study.read_json(tmp_path / "runs" / "unet-adam-1e-3-mfw" / "eval.json")["config"]
+    config = study.read_json(tmp_path / "runs" / "unet-reference-mfw" / "eval.json")["config"]
     assert config["class_weights"] == "median-freq" and len(config["class_weight_values"]) == 3
 
 

@@ -9,7 +9,7 @@ import torch
 
 import some_define as sd
 from conftest import TINY_TRAIN_SIZES, make_voc_tree, run_script
-from support import data
+from support import data, speed
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 5
@@ -209,3 +209,58 @@ def test_bad_speed_flags_are_one_line_errors(tmp_path, flags, mentions):
     assert len(lines) == 1, f"{len(lines)} stderr lines:\n{result.stderr[:2000]}"
     assert lines[0].startswith("error: ") and mentions in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Threads from the load of other programs
+# ---------------------------------------------------------------------------------------------------------------------
+
+class FakeClock:
+    """Readings of (wall, busy core-seconds of all our cores, our own CPU seconds) that a test advances."""
+
+    def __init__(self):
+        self.wall = self.busy = self.own = 0.0
+
+    def advance(self, wall: float, others: float, own: float) -> None:
+        self.wall += wall
+        self.busy += (others + own) * wall
+        self.own += own * wall
+
+    def __call__(self):
+        return self.wall, self.busy, self.own
+
+
+def test_threads_follow_the_cores_other_programs_leave_free(monkeypatch):
+    monkeypatch.setattr(speed.time, "sleep", lambda s: clock.advance(s, others, 0.0))
+    before = torch.get_num_threads()
+    clock, lines = FakeClock(), []
+    try:
+        torch.set_num_threads(1)                        # left so by an earlier run in this process
+        others = 2.0                                    # two cores taken when training starts
+        load = speed.ThreadsForLoad(interval=10, read=clock, log=lines.append, cores=4)
+        assert load.threads == 2 == torch.get_num_threads()
+        assert lines == ["other programs keep 2.0 of 4 cores busy: 2 thread(s) now (--threads N to choose)"]
+        clock.advance(5, others=0.0, own=2.0)           # they stop, but not 10 s have passed: no change yet
+        load.update()
+        assert torch.get_num_threads() == 2
+        clock.advance(6, others=0.0, own=2.0)           # our own busy threads do not count as others'
+        load.update()
+        assert load.threads == 4 == torch.get_num_threads()
+        clock.advance(10, others=3.6, own=0.4)          # nearly all cores taken: still one thread
+        load.update()
+        assert load.threads == 1 == torch.get_num_threads()
+        clock.advance(10, others=0.4, own=3.6)          # less than half a core elsewhere is not a core
+        load.update()
+        assert load.threads == 4 and len(lines) == 4   # one line per change
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_for_load_only_where_nobody_chose(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu = torch.device("cpu")
+    assert speed.threads_for_load(2, cpu) is None                          # --threads given
+    assert speed.threads_for_load(None, torch.device("cuda")) is None      # the GPU does the work
+    assert speed.threads_for_load(None, cpu, world_size=2) is None         # the siblings are not "other programs"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert speed.threads_for_load(None, cpu) is None

@@ -53,7 +53,7 @@ def test_windows_cover_the_image_exactly(image_hw, tile_hw, overlap):
     h, w = image_hw
     windows = tiles.tile_windows(image_hw, tile_hw, overlap)
     th, tw = tiles.window_size(image_hw, tile_hw)
-    weights = tiles.blend_weights((th, tw), tiles.padded_size(image_hw))
+    weights = tiles.blend_weights((th, tw), sd.padded_size(image_hw))
     count, total = torch.zeros(h, w, dtype=torch.int32), torch.zeros(h, w)
     for top, left, wh, ww in windows:
         assert top % 32 == 0 and left % 32 == 0, "on the network's stride-32 grid"
@@ -73,7 +73,7 @@ def test_strip_accumulator_equals_a_whole_canvas_one():
     image = photo(100, 130)
     for net, tta in ((random_model("fcn"), False), (random_model("unet"), True)):
         canvas = torch.zeros(len(sd.VOC_CLASSES), 100, 130)
-        weights = tiles.blend_weights(tiles.window_size((100, 130), (64, 64)), tiles.padded_size((100, 130)))
+        weights = tiles.blend_weights(tiles.window_size((100, 130), (64, 64)), sd.padded_size((100, 130)))
         with torch.inference_mode():
             for top, left, h, w in tiles.tile_windows((100, 130), (64, 64), 0.5):
                 logits = tiles.tile_logits(net, image[:, top:top + h, left:left + w], CPU, None, False, tta)
