@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import origin_train
 import some_define as sd
 from conftest import run_script
 from support import cli, data, study
@@ -114,8 +115,7 @@ def test_weighted_loss_counts_each_pixel_by_its_class_weight():
 def test_void_background_only_where_class_0_is_background(tmp_path, capsys):
     root = make_pair_list_dataset(tmp_path / "d", {"train": 1})
     parse = lambda *flags: cli.train_arg_parser("", {}).parse_args(["--classes", str(root / "classes.txt"), *flags])
-    book = {"model": "fcn", "void": "background", "optimizer": "sgd", "lr": 1e-3, "wd": 0, "loss": "sum",
-            "class_weights": "none", "epochs": 1, "batch_size": 1, "crop": [32, 32], "seed": 0, "workers": 0, "pretrained": "none"}
+    book = dict(origin_train.DEFAULTS, epochs=1, batch_size=1, crop=[32, 32], workers=0, pretrained="none")
     assert cli.finish_train_args(parse(), book).void == "ignore"    # the book's default, where it means nothing
     assert "class 0 is 'sky', not 'background'" in capsys.readouterr().out
     with pytest.raises(sd.UsageError, match="--void background trains void pixels as class 0, which is 'sky'"):
