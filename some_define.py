@@ -14,8 +14,6 @@ training run, prediction for the scripts) lives in support/. This file imports n
 from __future__ import annotations
 
 import os
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -46,21 +44,6 @@ VOC_COLORMAP = [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128],
 
 VOID = 255                      # "difficult" or object-boundary pixels: no class
 VOID_COLOR = (224, 224, 192)    # how VOC draws them
-
-
-def voc_palette() -> list[int]:
-    """The 256-entry palette of VOC's label PNGs (the colormap above, extended by VOC's bit-shuffling rule)."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def voc_colormap2label(colormap: Sequence[Sequence[int]] = VOC_COLORMAP) -> torch.Tensor:
@@ -155,39 +138,6 @@ def read_voc_images(voc_dir: str | os.PathLike, is_train: bool = True, split: st
     return [read_image(image) for _, image, _ in files], [read_image(label) for _, _, label in files]
 
 
-def read_examples(files: Sequence[tuple[str, Path, Path]], colormap: Sequence[Sequence[int]],
-                  ignore_index: int | None = None, skip_bad: bool = False, source: str = "the split"
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
-    """Images and labels as class indices (uint8, about 10x less memory than the book's float32) of (name, image,
-    label) files. A bad file stops with its name, or with ``skip_bad`` is left out with a warning."""
-    colormap2label = voc_colormap2label(colormap)
-
-    def read_pair(name: str, image_path: Path, label_path: Path) -> tuple[torch.Tensor, torch.Tensor] | str:
-        try:
-            image = read_image(image_path)
-            label = read_label(label_path, colormap2label, len(colormap), ignore_index)
-            if label.shape != image.shape[1:]:
-                raise UsageError(f"{label_path}: label is {tuple(label.shape)} but its image is "
-                                 f"{tuple(image.shape[1:])}")
-            return image, label
-        except UsageError as e:
-            if not skip_bad:
-                raise
-            return str(e)
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:   # PIL decodes without the GIL
-        pairs = list(pool.map(lambda f: read_pair(*f), files))
-    skipped = [p for p in pairs if isinstance(p, str)]
-    for problem in skipped:
-        print(f"warning: skipped {problem}", file=sys.stderr)
-    if skipped:
-        print(f"warning: --skip-bad left out {len(skipped)} of {len(files)} examples of {source}", file=sys.stderr)
-    kept = [(p, f[0]) for p, f in zip(pairs, files) if not isinstance(p, str)]
-    if not kept:
-        raise UsageError(f"no readable example left in {source}")
-    return [p[0] for p, _ in kept], [p[1] for p, _ in kept], [n for _, n in kept]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Semantic Segmentation and the Dataset: random crops and the dataset
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,24 +186,14 @@ def voc_rand_crop(feature: torch.Tensor, label: torch.Tensor, height: int, width
                        height, width)
 
 
-def rand_scaled_window(image_hw: tuple[int, int], crop_hw: tuple[int, int], scales: tuple[float, float],
-                       generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random window of crop_hw / s, s uniform in ``scales``: scale augmentation
-    (the book crops at the image's own scale)."""
-    s = scales[0] + (scales[1] - scales[0]) * float(torch.rand((), generator=generator))
-    height, width = round(crop_hw[0] / s), round(crop_hw[1] / s)
-    return (*rand_crop_window(image_hw, (height, width), generator), height, width)
-
-
 def scaled_crop(feature: torch.Tensor, label: torch.Tensor, top: int, left: int, height: int, width: int,
                 crop_hw: tuple[int, int], hflip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A window resized to crop_hw (image bilinear, label nearest) and mirrored left-right if ``hflip``."""
     feature, label = crop_window(feature, label, top, left, height, width)
     if (height, width) != tuple(crop_hw):
-        feature = F.interpolate(feature[None].float(), size=tuple(crop_hw), mode="bilinear", antialias=True)
-        feature = feature[0].round_().clamp_(0, 255).to(torch.uint8)
-        label = F.interpolate(label[None, None].float(), size=tuple(crop_hw), mode="nearest-exact")[0, 0]
-        label = label.to(torch.uint8)
+        resize = lambda x, mode, **kw: F.interpolate(x.float(), size=tuple(crop_hw), mode=mode, **kw)
+        feature = resize(feature[None], "bilinear", antialias=True)[0].round_().clamp_(0, 255).to(torch.uint8)
+        label = resize(label[None, None], "nearest-exact")[0, 0].to(torch.uint8)
     return (feature.flip(-1), label.flip(-1)) if hflip else (feature, label)
 
 
@@ -289,11 +229,14 @@ class SegDataset(torch.utils.data.Dataset):
 
 
 class VOCSegDataset(SegDataset):
-    """The book's VOC dataset, read from ``voc_dir`` (labels as indices; small images padded, not dropped)."""
+    """The book's VOC dataset, read by the book's reader from ``voc_dir`` (labels as indices; small images padded,
+    not dropped). The scripts read datasets through support/data.py: in parallel, other layouts, --skip-bad."""
 
     def __init__(self, is_train: bool, crop_size: tuple[int, int], voc_dir: str | os.PathLike):
-        files = voc_split_files(voc_dir, "train" if is_train else "val")
-        super().__init__(*read_examples(files, VOC_COLORMAP), crop_size=crop_size)
+        features, labels = read_voc_images(voc_dir, is_train)
+        colormap2label = voc_colormap2label()
+        names = [name for name, _, _ in voc_split_files(voc_dir, "train" if is_train else "val")]
+        super().__init__(features, [voc_label_indices(y, colormap2label) for y in labels], names, crop_size)
 
 
 class RandomCropBatchSampler(torch.utils.data.Sampler):
@@ -329,19 +272,15 @@ class RandomCropBatchSampler(torch.utils.data.Sampler):
     def window(self, i: int, g: torch.Generator) -> tuple[int, ...]:
         if self.scales == (1.0, 1.0) and not self.hflip:   # the book's crops (and the same random draws)
             return (i, *rand_crop_window(self.sizes[i], self.crop_size, g))
+        # A window of crop_size / s, s uniform in scales (the book crops at the image's own scale), mirrored or not.
+        s = self.scales[0] + (self.scales[1] - self.scales[0]) * float(torch.rand((), generator=g))
+        window = round(self.crop_size[0] / s), round(self.crop_size[1] / s)
         flip = self.hflip and bool(torch.rand((), generator=g) < 0.5)
-        return (i, *rand_scaled_window(self.sizes[i], self.crop_size, self.scales, g), flip)
+        return (i, *rand_crop_window(self.sizes[i], window, g), *window, flip)
 
 
 def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-
-
-def crop_batches_on_device(dataset: SegDataset, sampler: RandomCropBatchSampler
-                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The data path when the split lives in GPU memory: slice crops there, no worker processes, no copies."""
-    for batch in sampler:
-        yield collate_crops([dataset[key] for key in batch])
 
 
 def load_data_voc(batch_size: int, crop_size: tuple[int, int], voc_dir: str | os.PathLike = "VOC2012",
@@ -758,12 +697,8 @@ def show_images(rows: Sequence[Sequence[torch.Tensor]], row_titles: Sequence[str
     for r, row in enumerate(rows):
         for c in range(num_cols):
             ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(row):
-                ax.imshow(row[c].numpy())
-            else:
-                ax.axis("off")
+            ax.set(xticks=[], yticks=[])
+            ax.imshow(row[c].numpy()) if c < len(row) else ax.axis("off")
             if titles and titles[r] and c < len(titles[r]) and titles[r][c]:
                 ax.set_title(titles[r][c], fontsize=8)
         axes[r][0].set_ylabel(row_titles[r])

@@ -47,6 +47,7 @@ import my_train  # noqa: E402
 import origin_train  # noqa: E402
 import some_define as sd  # noqa: E402
 from support.distributed import DistributedContext, wrap_for_training  # noqa: E402
+from support.data import read_split, voc_palette  # noqa: E402
 from support.files import write_json  # noqa: E402
 from support.speed import (bf16_peak_flops, inference_flags, keep_transposed_convs_fp32_on_cpu,  # noqa: E402
                            resolve_speed_flags, threads_for_load, train_flops_per_image)
@@ -196,7 +197,7 @@ def make_bench_tree(root: Path, count: int, seed: int = 0) -> Path:
             getattr(image_draw, shape)([x0, y0, x1, y1], fill=color)
             getattr(label_draw, shape)([x0 - 2, y0 - 2, x1 + 2, y1 + 2], fill=sd.VOID)   # a void boundary
             getattr(label_draw, shape)([x0, y0, x1, y1], fill=cls)
-        label_im.putpalette(sd.voc_palette())     # 'L' + palette -> 'P', as VOC ships its labels
+        label_im.putpalette(voc_palette())     # 'L' + palette -> 'P', as VOC ships its labels
         image_im.save(voc_dir / "JPEGImages" / f"{name}.jpg", quality=90)
         label_im.save(voc_dir / "SegmentationClass" / f"{name}.png")
     (voc_dir / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(names) + "\n")
@@ -270,8 +271,8 @@ def data_worker(kind: str, voc_dir: str, crop: tuple[int, int], batch: int, pass
     before = {key: proc_status_mb(key) for key in ("VmRSS", "RssAnon", "RssFile")}
     hwm_reset = reset_peak_rss()
     t0 = time.perf_counter()
-    if kind == "project":   # what training reads and iterates (read_split gives the same SegDataset)
-        dataset = sd.VOCSegDataset(True, crop, voc_dir)
+    if kind == "project":   # what training reads and iterates
+        dataset = read_split(voc_dir, "train", sd.VOC_COLORMAP, crop_size=crop)
         sampler = sd.RandomCropBatchSampler(dataset, batch, seed=0)
         batches = training_batches(dataset, sampler, torch.device("cpu"), False, workers)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from some_define import VOID, voc_palette
+from some_define import VOID
 
-from .data import is_voc_dir
+from .data import is_voc_dir, voc_palette
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_VERSION = 1

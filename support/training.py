@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from some_define import (RandomCropBatchSampler, SegDataset, UsageError, build_model, collate_crops,
-                         crop_batches_on_device, evaluate, make_optimizer, train_epoch)
+from some_define import (RandomCropBatchSampler, SegDataset, UsageError, build_model, collate_crops, evaluate,
+                         make_optimizer, train_epoch)
 
 from .errors import Interrupted, StopOnInterrupt
 from .checkpoints import (check_checkpoint_matches, load_checkpoint, make_checkpoint, plain_config, rng_states,
@@ -32,6 +32,13 @@ from .speed import (bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_
 
 class TrainingStopped(UsageError):
     """The loss diverged; the message says what to do next."""
+
+
+def crop_batches_on_device(dataset: SegDataset, sampler: RandomCropBatchSampler
+                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The data path when the split lives in GPU memory: slice crops there, no worker processes, no copies."""
+    for batch in sampler:
+        yield collate_crops([dataset[key] for key in batch])
 
 
 def seed_everything(seed: int) -> None:

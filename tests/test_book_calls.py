@@ -24,7 +24,7 @@ def test_some_define_imports_nothing_from_the_project_and_stays_short():
         else:
             continue
         assert roots <= allowed, roots
-    assert len(source.splitlines()) <= 800
+    assert len(source.splitlines()) <= 750
 
 
 def test_read_voc_images_and_voc_label_indices_as_the_chapter_calls_them(tmp_path):

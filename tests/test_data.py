@@ -8,6 +8,8 @@ from PIL import Image
 
 import some_define as sd
 from support import data
+from support.data import voc_palette
+from support.training import crop_batches_on_device
 from conftest import (TINY_TRAIN_SIZES, TINY_VAL_SIZES, make_voc_tree, synthetic_label, write_palette_label,
                       write_rgb_label)
 
@@ -171,7 +173,7 @@ def test_dataloader_workers_give_identical_batches():
     assert len(main_batches) == len(worker_batches) == len(COORD_SIZES) // 2
     sampler = sd.RandomCropBatchSampler(ds, batch_size=2, seed=3)
     sampler.set_epoch(1)
-    device_batches = list(sd.crop_batches_on_device(ds, sampler))
+    device_batches = list(crop_batches_on_device(ds, sampler))
     for (x0, y0), (x2, y2), (xd, yd), batch in zip(main_batches, worker_batches, device_batches, keys):
         assert x0.shape == (2, 3, 24, 32) and y0.shape == (2, 24, 32)
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
@@ -185,7 +187,7 @@ def test_dataloader_workers_give_identical_batches():
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_voc_palette_matches_colormap_and_void_colour():
-    palette = sd.voc_palette()
+    palette = voc_palette()
     assert len(palette) == 256 * 3
     colours = [palette[3 * i:3 * i + 3] for i in range(256)]
     assert colours[:21] == sd.VOC_COLORMAP
@@ -399,5 +401,5 @@ def test_augmented_batches_are_the_same_on_every_data_path():
         return s
 
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler(), collate_fn=sd.collate_crops, num_workers=2)
-    for (x, y), (xd, yd) in zip(loader, sd.crop_batches_on_device(ds, sampler())):
+    for (x, y), (xd, yd) in zip(loader, crop_batches_on_device(ds, sampler())):
         assert torch.equal(x, xd) and torch.equal(y, yd)

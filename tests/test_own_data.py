@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 import some_define as sd  # noqa: E402
 from support import checkpoints, cli, data, download, export, speed
+from support.data import voc_palette
 
 # One thread: on a small shared machine, several OpenMP threads spin-waiting on each other make steps far slower.
 torch.set_num_threads(1)
@@ -63,7 +64,7 @@ def write_mask(path: Path, label: np.ndarray, kind: str, colormap=COLOURS) -> No
         return
     im = Image.fromarray(label)
     if kind == "palette":
-        im.putpalette(sd.voc_palette())
+        im.putpalette(voc_palette())
     im.save(path)
 
 
@@ -166,7 +167,7 @@ def test_class_file_without_colours_takes_the_voc_palette(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("\n".join(f"c{i}" for i in range(30)) + "\n")
     names, colormap = data.read_classes(path)
-    palette = sd.voc_palette()
+    palette = voc_palette()
     assert names == [f"c{i}" for i in range(30)]
     assert colormap == [palette[3 * i:3 * i + 3] for i in range(30)]
     assert colormap[:21] == sd.VOC_COLORMAP   # the palette rule extends VOC's own colours
