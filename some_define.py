@@ -21,7 +21,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageOps
 from torch import nn
 
@@ -327,9 +326,10 @@ def bilinear_kernel(in_channels: int, out_channels: int, kernel_size: int) -> to
 RESNET18_FILE = "resnet18-f37072fd.pth"   # torchvision's ResNet18_Weights.IMAGENET1K_V1
 
 
-def resnet18_backbone(pretrained: str = "imagenet") -> torchvision.models.ResNet:
+def resnet18_backbone(pretrained: str = "imagenet") -> nn.Module:
     """torchvision's ResNet-18: 'none' (random init), 'imagenet' (a local resnet18-f37072fd.pth if present, else
     torchvision's download into the torch hub cache), or a path to a ResNet-18 state_dict file."""
+    import torchvision   # here, not at the top: its import takes seconds, and messages and --help need none of it
     net = torchvision.models.resnet18()
     if pretrained == "none":
         return net
