@@ -68,8 +68,9 @@ class ThreadsForLoad:
     (benchmarks/RESULTS.md, "A busy CPU")."""
 
     def __init__(self, interval: float = 10.0, read: Callable[[], tuple[float, float, float]] = cpu_seconds,
-                 log: Callable[[str], None] = print, cores: int = DEFAULT_THREADS):
-        self.interval, self.read, self.log = interval, read, log
+                 log: Callable[[str], None] = print, cores: int = DEFAULT_THREADS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.interval, self.read, self.log, self.clock = interval, read, log, clock
         self.cores = self.threads = cores
         torch.set_num_threads(cores)   # a run after another in one process (the study) starts afresh
         self.last = read()
@@ -77,10 +78,10 @@ class ThreadsForLoad:
         self.update(force=True)
 
     def update(self, force: bool = False) -> None:
+        if not force and self.clock() < self.last[0] + self.interval:
+            return   # called every step: only the clock until a look is due
         now = self.read()
         wall, busy, own = (b - a for a, b in zip(self.last, now))
-        if wall < self.interval and not force:
-            return
         self.last = now
         others = max(0.0, (busy - own) / wall)
         threads = max(1, min(self.cores, self.cores - math.floor(others + 0.5)))

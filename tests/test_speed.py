@@ -10,6 +10,7 @@ import torch
 import some_define as sd
 from conftest import TINY_TRAIN_SIZES, make_voc_tree, run_script
 from support import data, speed
+from support.training import crop_batches_on_device
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 5
@@ -181,7 +182,7 @@ def test_on_device_path_yields_the_dataloader_crops(tmp_path):
     def loader(workers: int):
         return lambda sampler: torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=sd.collate_crops,
                                                            num_workers=workers)
-    on_device = epochs(lambda sampler: sd.crop_batches_on_device(device_set, sampler))
+    on_device = epochs(lambda sampler: crop_batches_on_device(device_set, sampler))
     for workers in (0, 2):
         via_loader = epochs(loader(workers))
         assert len(via_loader) == len(on_device) == 2
@@ -237,12 +238,14 @@ def test_threads_follow_the_cores_other_programs_leave_free(monkeypatch):
     try:
         torch.set_num_threads(1)                        # left so by an earlier run in this process
         others = 2.0                                    # two cores taken when training starts
-        load = speed.ThreadsForLoad(interval=10, read=clock, log=lines.append, cores=4)
+        reads = []
+        read = lambda: reads.append(clock.wall) or clock()
+        load = speed.ThreadsForLoad(interval=10, read=read, log=lines.append, cores=4, clock=lambda: clock.wall)
         assert load.threads == 2 == torch.get_num_threads()
         assert lines == ["other programs keep 2.0 of 4 cores busy: 2 thread(s) now (--threads N to choose)"]
         clock.advance(5, others=0.0, own=2.0)           # they stop, but not 10 s have passed: no change yet
         load.update()
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2 and reads == [0.0, 0.2]   # nor a look at /proc/stat
         clock.advance(6, others=0.0, own=2.0)           # our own busy threads do not count as others'
         load.update()
         assert load.threads == 4 == torch.get_num_threads()
