@@ -72,7 +72,7 @@ def run_study(args: argparse.Namespace, presets: dict, defaults: dict, finetune_
         rows.append(read_json(result_path))
         models.append((name, net))
     pictures = Path(args.pictures) if args.pictures else study_pictures_dir(args.demo, data_dir)
-    what = "synthetic demo data (random-init backbones)" if args.demo else f"{data_dir.name} ({data_dir})"
+    what = "synthetic demo data (random-init backbones)" if args.demo else data_dir.name   # not its path on this disk
     write_text(study_table(rows, what), pictures / "study.md")
     save_figure(prediction_figure(models, first_examples(val_set, args.num), colormap, class_names, device,
                                   title=what, **flags), pictures / "study.png")
