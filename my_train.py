@@ -42,6 +42,8 @@ PRESETS = {
     "fcn-reference": dict(REFERENCE, model="fcn"),                                  # the book's network, today's recipe
     "unet-reference": dict(REFERENCE),
     "unet-reference-mfw": dict(REFERENCE, class_weights="median-freq"),             # + SegNet's class balancing
+    "unet-reference-mfw-sqrt": dict(REFERENCE, class_weights="median-freq-sqrt"),   # a softer balance
+    "fcn-reference-mfw": dict(REFERENCE, model="fcn", class_weights="median-freq"), # the balance without skips
 }
 
 

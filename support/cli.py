@@ -6,7 +6,7 @@ import os
 
 from some_define import MODELS, VOID, UsageError
 
-from .data import VOC_TAR, VOC_URL, dataset_classes, read_classes
+from .data import CLASS_WEIGHT_POWERS, VOC_TAR, VOC_URL, dataset_classes, read_classes
 from .checkpoints import check_classes_match
 from .speed import try_all_gpus_or_cpu
 from .tiles import AUTO_TILE_PIXELS, DEFAULT_OVERLAP, DEFAULT_TILE, parse_tile
@@ -59,9 +59,9 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
     data.add_argument("--void", choices=["background", "ignore"],
                       help="void pixels: trained as background (the book; only where class 0 is 'background') or "
                       "ignored")
-    data.add_argument("--class-weights", choices=["none", "median-freq"],
-                      help="weigh each class in the loss: none, or SegNet's median-frequency balancing computed from "
-                      "the training masks (rare classes count more)")
+    data.add_argument("--class-weights", choices=list(CLASS_WEIGHT_POWERS),
+                      help="weigh each class in the loss: none, SegNet's median-frequency balancing computed from the "
+                      "training masks (rare classes count more), or its square root (a softer balance)")
     data.add_argument("--skip-bad", action="store_true",
                       help="leave out unreadable or inconsistent examples with a warning (default: stop)")
     data.add_argument("--workers", type=int, help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "

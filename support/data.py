@@ -190,9 +190,13 @@ def first_examples(data: SegDataset, n: int) -> SegDataset:
     return SegDataset(data.images[:n], data.labels[:n], data.names[:n], data.crop_size)
 
 
-def median_frequency_weights(labels: Sequence[torch.Tensor], num_classes: int) -> list[float]:
+CLASS_WEIGHT_POWERS = {"none": None, "median-freq": 1.0, "median-freq-sqrt": 0.5}   # --class-weights
+
+
+def median_frequency_weights(labels: Sequence[torch.Tensor], num_classes: int, power: float = 1.0) -> list[float]:
     """SegNet's class balancing: median(freq) / freq(c), where freq(c) is the pixels of class c over the pixels of
-    the images that contain c (void left out). A class absent from every mask gets 0 (it is never a target)."""
+    the images that contain c (void left out); to the ``power`` (0.5: a softer balance). A class absent from every
+    mask gets 0 (it is never a target)."""
     pixels, pixels_where_present = torch.zeros(num_classes, dtype=torch.float64), torch.zeros(num_classes,
                                                                                              dtype=torch.float64)
     for label in labels:
@@ -202,5 +206,5 @@ def median_frequency_weights(labels: Sequence[torch.Tensor], num_classes: int) -
     present = pixels > 0
     freq = pixels[present] / pixels_where_present[present]
     weights = torch.zeros(num_classes, dtype=torch.float64)
-    weights[present] = float(np.median(freq.numpy())) / freq
+    weights[present] = (float(np.median(freq.numpy())) / freq) ** power
     return weights.tolist()

@@ -21,7 +21,7 @@ from some_define import (RandomCropBatchSampler, SegDataset, UsageError, build_m
 from .errors import Interrupted, StopOnInterrupt
 from .checkpoints import (check_checkpoint_matches, load_checkpoint, make_checkpoint, plain_config, rng_states,
                           save_checkpoint, set_rng_states, unwrap)
-from .data import dataset_classes, median_frequency_weights, read_split, to_device
+from .data import CLASS_WEIGHT_POWERS, dataset_classes, median_frequency_weights, read_split, to_device
 from .distributed import DistributedContext, wrap_for_training
 from .download import training_data_dir
 from .figures import plot_curves
@@ -147,10 +147,11 @@ def train(args: argparse.Namespace) -> list[dict]:
     speed = resolve_speed_flags(args.amp, args.channels_last, args.data_on_device, device, train_set.nbytes())
     config = plain_config(vars(args))
     class_weights = None
-    if args.class_weights == "median-freq":
-        config["class_weight_values"] = median_frequency_weights(train_set.labels, len(class_names))
+    power = CLASS_WEIGHT_POWERS[args.class_weights]
+    if power is not None:
+        config["class_weight_values"] = median_frequency_weights(train_set.labels, len(class_names), power)
         class_weights = torch.tensor(config["class_weight_values"], dtype=torch.float32, device=device)
-        log("class weights (median frequency): " + ", ".join(
+        log(f"class weights ({args.class_weights}): " + ", ".join(
             f"{name} {w:.2f}" for name, w in zip(class_names, config["class_weight_values"])))
 
     resume = resume_checkpoint_path(args.resume, out, args.finetune_from)

@@ -92,6 +92,8 @@ def test_median_frequency_weights_by_hand():
     # freq(0) = 10 / 16, freq(1) = 2 / 8, freq(2) = 4 / 8; median(0.625, 0.25, 0.5) = 0.5.
     weights = data.median_frequency_weights([a, b], 4)
     assert weights == pytest.approx([0.5 / 0.625, 0.5 / 0.25, 1.0, 0.0])
+    softer = data.median_frequency_weights([a, b], 4, power=0.5)
+    assert softer == pytest.approx([0.8 ** 0.5, 2.0 ** 0.5, 1.0, 0.0])
 
 
 def test_weighted_loss_counts_each_pixel_by_its_class_weight():
