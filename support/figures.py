@@ -79,17 +79,21 @@ def plot_curves(history: list[dict], title: str = ""):
     return fig
 
 
-def study_curves(histories: dict[str, list[dict]], title: str = ""):
-    """Val mIoU and train loss per epoch of every preset of a study, in one figure."""
+def study_curves(runs: dict[str, tuple[str, list[dict]]], title: str = ""):
+    """Val mIoU and train loss per epoch of every preset of a study ({name: (network, history)}), in one figure:
+    a colour per preset (up to 20), FCNs dashed."""
     plt = plt_module()
-    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, history in histories.items():
+    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(12, 3.8))
+    tab20 = plt.get_cmap("tab20").colors
+    colors = tab20[::2] + tab20[1::2]   # the ten strong colours first, then their light twins
+    for k, (name, (network, history)) in enumerate(runs.items()):
+        style = dict(label=name, color=colors[k % len(colors)], linestyle="--" if network == "fcn" else "-")
         validated = [h for h in history if h["val_miou"] is not None]
-        ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], label=name)
-        ax_miou.plot([h["epoch"] for h in validated], [h["val_miou"] for h in validated], label=name)
+        ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], **style)
+        ax_miou.plot([h["epoch"] for h in validated], [h["val_miou"] for h in validated], **style)
     ax_loss.set(xlabel="epoch", ylabel="train loss")
     ax_miou.set(xlabel="epoch", ylabel="val mIoU", ylim=(0, 1))
-    ax_miou.legend(fontsize=7)
+    ax_miou.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))   # beside the curves, not over them
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -76,7 +76,8 @@ def run_study(args: argparse.Namespace, presets: dict, defaults: dict, finetune_
     write_text(study_table(rows, what), pictures / "study.md")
     save_figure(prediction_figure(models, first_examples(val_set, args.num), colormap, class_names, device,
                                   title=what, **flags), pictures / "study.png")
-    save_figure(study_curves({r["preset"]: r["history"] for r in rows}, what), pictures / "study_curves.png")
+    runs = {r["preset"]: (r["config"]["model"], r["history"]) for r in rows}
+    save_figure(study_curves(runs, what), pictures / "study_curves.png")
     print(f"wrote {pictures / 'study.md'}, {pictures / 'study.png'} and {pictures / 'study_curves.png'}")
 
 
