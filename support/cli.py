@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from some_define import MODELS, VOID, UsageError
 
 from .data import CLASS_WEIGHT_POWERS, VOC_TAR, VOC_URL, dataset_classes, read_classes
-from .checkpoints import check_classes_match
+from .checkpoints import check_classes_match, load_checkpoint
 from .speed import try_all_gpus_or_cpu
 from .tiles import AUTO_TILE_PIXELS, DEFAULT_OVERLAP, DEFAULT_TILE, parse_tile
 
@@ -43,7 +44,8 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
                       f"check its MD5 and extract VOCdevkit/VOC2012 there; an interrupted download resumes")
     data.add_argument("--mirror", metavar="URL", help=f"where --download fetches the tar (default {VOC_URL})")
     data.add_argument("--classes", metavar="FILE", help="your dataset's classes, one per line: 'name' or "
-                      "'name R G B' (index = line number; no colours: VOC's palette); default: VOC's 21")
+                      "'name R G B' (R G B: integers 0..255; a name may hold spaces, and without a colour it must "
+                      "not end in a number); index = line number; no colours: VOC's palette; default: VOC's 21")
     data.add_argument("--ignore-index", type=int, metavar="K",
                       help="label value K is void like 255 (e.g. CamVid's 'unlabelled' 11)")
     data.add_argument("--train-split", default="train", metavar="NAME",
@@ -85,8 +87,8 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
     speed = p.add_argument_group("speed and memory")
     auto = ["auto", "on", "off"]
     speed.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                       help="mixed precision (auto: bf16 on CUDA GPUs that have it and on CPUs with AMX, "
-                       "off elsewhere)")
+                       help="mixed precision (auto: bf16 on CUDA GPUs that have it and on CPUs that compute it "
+                       "natively: AMX, AVX512-BF16, ARM BF16; off elsewhere)")
     speed.add_argument("--channels-last", choices=auto, default="auto",
                        help="NHWC memory format (auto: on CUDA, and on the CPU with bf16)")
     speed.add_argument("--data-on-device", choices=auto, default="auto",
@@ -126,8 +128,29 @@ def show_defaults(parser: argparse.ArgumentParser, defaults: dict) -> None:
             action.help = f"{action.help} (default: %(default)s)".strip()
 
 
+DATA_FLAGS = ("voc_dir", "demo", "classes", "ignore_index")   # what a fine-tune or a resume takes from its checkpoint
+
+
+def inherit_data_flags(args: argparse.Namespace, out: str) -> None:
+    """--finetune-from and --resume train on the checkpoint's dataset, classes and void label unless any of
+    --voc-dir, --demo, --classes or --ignore-index is given."""
+    start = args.finetune_from or (args.resume and (Path(out) / "last.pt" if args.resume == "auto" else args.resume))
+    if not start or any(getattr(args, key) is not None and getattr(args, key) is not False for key in DATA_FLAGS) \
+            or not Path(start).is_file():
+        return   # a missing file is reported where the run opens it
+    config = load_checkpoint(start).get("config", {})
+    for key in DATA_FLAGS:
+        setattr(args, key, config.get(key, False if key == "demo" else None))
+    data = "the synthetic demo data" if args.demo else args.voc_dir or "VOC2012"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: training on the data of {start}: {data}, classes {args.classes or 'VOC'}, ignore index "
+              f"{args.ignore_index} (--voc-dir, --demo, --classes or --ignore-index to choose others)")
+
+
 def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
-    """Fill unset flags from the script's defaults (shrunk by --demo), then check their ranges."""
+    """Fill unset flags from the checkpoint a run starts from, then from the script's defaults (shrunk by --demo),
+    and check their ranges."""
+    inherit_data_flags(args, args.out or defaults["out"])
     void_given = args.void
     chosen = dict(defaults, **(DEMO_TRAIN_DEFAULTS if args.demo else {}))
     for key, value in chosen.items():
@@ -190,7 +213,8 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (default: one per core that other programs leave free)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision, as in training (auto: bf16 on CUDA GPUs that have it and on CPUs with AMX)")
+                   help="mixed precision, as in training (auto: bf16 on CUDA GPUs that have it and on CPUs that "
+                   "compute it natively)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     own = p.add_argument_group("your own images")
     own.add_argument("--images", nargs="+", metavar="PATH", help="predict these image files, folders or globs "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import platform
 import time
 from typing import Callable
 
@@ -92,28 +93,52 @@ class ThreadsForLoad:
             self.threads = threads
 
 
+WATCHED: list[ThreadsForLoad] = []   # the process's thread count is global: at most one watcher, for look_at_load
+
+
 def threads_for_load(threads: int | None, device: torch.device, world_size: int = 1,
                      log: Callable[[str], None] = print) -> ThreadsForLoad | None:
-    """A ThreadsForLoad where it applies: a single process on the CPU (Linux), threads left to us."""
+    """A ThreadsForLoad where it applies (a single process on the CPU, Linux, threads left to us), watched from now
+    on by look_at_load."""
+    WATCHED.clear()
     if threads is not None or "OMP_NUM_THREADS" in os.environ or device.type != "cpu" or world_size > 1 \
             or not os.path.exists("/proc/stat"):
         return None
-    return ThreadsForLoad(log=log)
+    WATCHED.append(ThreadsForLoad(log=log))
+    return WATCHED[0]
 
 
-def cpu_has_amx() -> bool:
-    """Intel AMX tiles (Sapphire Rapids and later): oneDNN runs bf16 convolutions on them several times faster than
-    fp32; CPUs without them run bf16 slower than fp32."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
+def look_at_load() -> None:
+    """Between two pieces of work (a training step, an image, a row of tiles, a request): the watched
+    ThreadsForLoad looks at the load again when its interval is up (a clock comparison until then)."""
+    for watcher in WATCHED:
+        watcher.update()
+
+
+def cpu_native_bf16() -> str | None:
+    """The unit that computes bf16 natively on this CPU (Intel AMX, AVX512-BF16 on AMD Zen 4/5 and Intel Cooper Lake,
+    ARM's BF16), or None: without one, oneDNN emulates bf16 and runs it slower than fp32."""
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    if platform.machine() in ("aarch64", "arm64") and mkldnn_bf16():
+        return "ARM BF16"
+    return None
+
+
+def mkldnn_bf16() -> bool:
+    """oneDNN's own bf16 check: on ARM, the BF16 extension; on x86 it is true for any AVX-512, so ask it on ARM only."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """'auto' = bf16 on CUDA GPUs that support it and on CPUs with AMX, off elsewhere (see benchmarks/RESULTS.md)."""
+    """'auto' = bf16 on CUDA GPUs that support it and on CPUs that compute it natively, off elsewhere (measured in
+    benchmarks/RESULTS.md)."""
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_native_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 

@@ -11,6 +11,8 @@ from torch import nn
 
 from some_define import UsageError, padded_logits, padded_size, predict
 
+from .speed import look_at_load
+
 DEFAULT_TILE = (512, 512)
 DEFAULT_OVERLAP = 0.25
 # --tile auto tiles images above 1 Mpixel: whole, they need more than ~1.4 GiB on a GPU in bf16 (the U-Net at
@@ -102,6 +104,7 @@ def predict_tiled(image: torch.Tensor, net: nn.Module, device: torch.device, til
             strip[:, :th - done] = strip[:, done:].clone()
             strip[:, th - done:] = 0
         strip_top = top
+        look_at_load()   # a large photo takes minutes on a CPU: the load can change meanwhile
         for _, left, h, w in row:
             logits = tile_logits(net, image[:, top:top + h, left:left + w], device, amp_dtype, channels_last, tta)
             if strip is None:
@@ -123,6 +126,7 @@ def chosen_tile(image_hw: tuple[int, int], tile: Tile) -> tuple[int, int] | None
 def predict_any_size(image: torch.Tensor, net: nn.Module, device: torch.device, tile: Tile = "auto",
                      overlap: float = DEFAULT_OVERLAP, **flags) -> torch.Tensor:
     """The classes (H x W, on the CPU) of one uint8 image, whole or tiled as ``tile`` decides for its size."""
+    look_at_load()   # every image of --images and every request of the page
     size = chosen_tile(tuple(image.shape[1:]), tile)
     if size is None:
         return predict(image, net, device, **flags).cpu()

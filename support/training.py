@@ -26,8 +26,8 @@ from .distributed import DistributedContext, wrap_for_training
 from .download import training_data_dir
 from .figures import plot_curves
 from .files import check_writable_dir, link_or_copy, save_figure, write_history
-from .speed import (bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed_flags, set_threads,
-                    threads_for_load, train_flops_per_image)
+from .speed import (bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, look_at_load, resolve_speed_flags,
+                    set_threads, threads_for_load, train_flops_per_image)
 
 
 class TrainingStopped(UsageError):
@@ -102,6 +102,22 @@ def restore_progress(state: dict, path: Path, optimizer: torch.optim.Optimizer, 
     return state["epoch"] + 1, state["step"], state["last_epoch"], partial, seconds
 
 
+def best_of_run(history: list[dict], run_start: int) -> dict | None:
+    """The validated epoch with the best val mIoU among this run's own epochs (a fine-tune's, not its base run's)."""
+    own = [h for h in history if h["epoch"] >= run_start and h["val_miou"] is not None]
+    return max(own, key=lambda h: h["val_miou"], default=None)
+
+
+def best_line(best: dict, history: list[dict], run_start: int) -> str:
+    """Which epoch best.pt holds; for a fine-tune, beside the base run's best."""
+    line = f"best.pt: epoch {best['epoch']}, val mIoU {best['val_miou']:.3f}"
+    base = best_of_run([h for h in history if h["epoch"] < run_start], 1)
+    if base:
+        line += (f" (the best of this fine-tune; its base run's best was {base['val_miou']:.3f} at epoch "
+                 f"{base['epoch']})")
+    return line
+
+
 def epoch_lr(lr: float, schedule: str, done: int, epochs: int) -> float:
     """The learning rate of an epoch after ``done`` of a run's ``epochs``."""
     return lr * (1 - done / epochs) ** 0.9 if schedule == "poly" else lr
@@ -138,7 +154,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         raise UsageError(f"--batch-size {args.batch_size} is the global batch and must divide evenly over "
                          f"{ctx.world_size} processes")
     log = print if ctx.is_main else (lambda *a, **k: None)
-    load_threads = threads_for_load(args.threads, device, ctx.world_size, log)
+    threads_for_load(args.threads, device, ctx.world_size, log)
     log(f"reading {data_dir} ...")
     train_set = read_split(data_dir, args.train_split, colormap, args.ignore_index, args.skip_bad, args.crop)
     val_set = read_split(data_dir, args.val_split, colormap, args.ignore_index, args.skip_bad, args.crop)
@@ -164,9 +180,11 @@ def train(args: argparse.Namespace) -> list[dict]:
 
     first_epoch = history[-1]["epoch"] + 1 if history else 1
     last_epoch, skip_steps, partial, seconds_before = first_epoch + args.epochs - 1, 0, None, 0.0
+    run_start = first_epoch   # a fine-tune's best.pt is the best of its own epochs
     if resume:
         first_epoch, skip_steps, last_epoch, partial, seconds_before = restore_progress(state, resume, optimizer,
                                                                                         scaler)
+        run_start = state.get("run_start", last_epoch - args.epochs + 1)
         log(f"resuming {resume}: epoch {first_epoch}" + (f", step {skip_steps}" if skip_steps else ""))
 
     micro = args.batch_size // ctx.world_size
@@ -179,14 +197,16 @@ def train(args: argparse.Namespace) -> list[dict]:
                                                                                              "class_weight_values")))
     log(f"device {device} x {ctx.world_size} process(es); amp {amp}, channels_last {speed['channels_last']}, "
         f"data on device {speed['data_on_device']}, {args.batch_size * args.accum_steps} images per step")
-    best = max((h["val_miou"] for h in history if h["val_miou"] is not None), default=-1.0)
+    best = (best_of_run(history, run_start) or {"val_miou": -1.0})["val_miou"]
 
     def weights(epoch: int) -> dict:   # best.pt, and last.pt once the run is over: nothing left to resume
-        return make_checkpoint(net, args.model, class_names, colormap, config, epoch=epoch, history=history)
+        return make_checkpoint(net, args.model, class_names, colormap, config, epoch=epoch, history=history,
+                               run_start=run_start)
 
     def checkpoint(epoch: int, step: int, partial_stats: dict | None) -> dict:
         return make_checkpoint(net, args.model, class_names, colormap, config, epoch=epoch,
-                               step=step, last_epoch=last_epoch, history=history, partial=partial_stats,
+                               step=step, last_epoch=last_epoch, run_start=run_start, history=history,
+                               partial=partial_stats,
                                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng_states())
 
     with StopOnInterrupt() as interrupt:
@@ -211,8 +231,7 @@ def train(args: argparse.Namespace) -> list[dict]:
                     raise TrainingStopped(
                         f"the loss became {loss} at epoch {epoch}, step {step}; {out / 'last.pt'} keeps the last good "
                         f"epoch ({epoch - 1}); try a lower --lr (now {args.lr:g})")
-                if load_threads:
-                    load_threads.update()
+                look_at_load()
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.3f}")
                 if interrupt.requested:
@@ -254,11 +273,12 @@ def train(args: argparse.Namespace) -> list[dict]:
                 write_history(history, out / "history.csv")
                 save_figure(plot_curves(history, title=f"{args.model}, {args.optimizer} lr {args.lr:g}"),
                             out / "curves.png")
-    if ctx.is_main and history:
+    best = best_of_run(history, run_start)
+    if ctx.is_main and best:
         save_checkpoint(out / "last.pt", weights(history[-1]["epoch"]))
-        best_epoch = max((h for h in history if h["val_miou"] is not None), key=lambda h: h["val_miou"])["epoch"]
-        if best_epoch == history[-1]["epoch"]:   # the same weights: one file on disk, not two
+        if best["epoch"] == history[-1]["epoch"]:   # the same weights: one file on disk, not two
             link_or_copy(out / "last.pt", out / "best.pt")
-    log(f"wrote {out / 'history.csv'}, {out / 'curves.png'}, {out / 'last.pt'} (the last epoch) and "
-        f"{out / 'best.pt'} (the best val mIoU)")
+        log(best_line(best, history, run_start))
+        log(f"wrote {out / 'history.csv'}, {out / 'curves.png'}, {out / 'last.pt'} (epoch {history[-1]['epoch']}) "
+            f"and {out / 'best.pt'} (epoch {best['epoch']})")
     return history

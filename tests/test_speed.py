@@ -267,3 +267,22 @@ def test_threads_for_load_only_where_nobody_chose(monkeypatch):
     assert speed.threads_for_load(None, cpu, world_size=2) is None         # the siblings are not "other programs"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert speed.threads_for_load(None, cpu) is None
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, machine, arm_bf16, expected", [
+    (True, True, "x86_64", True, "AMX"),                # Sapphire Rapids and later
+    (False, True, "x86_64", True, "AVX512-BF16"),       # AMD Zen 4/5, Intel Cooper Lake
+    (False, False, "x86_64", True, None),               # AVX-512 without BF16: oneDNN emulates bf16, fp32 is faster
+    (False, False, "aarch64", True, "ARM BF16"),        # Graviton 3/4, Apple M2 and later under Linux
+    (False, False, "aarch64", False, None)])
+def test_bf16_by_default_exactly_where_the_cpu_computes_it_natively(monkeypatch, amx, avx512_bf16, machine, arm_bf16,
+                                                                    expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(speed.platform, "machine", lambda: machine)
+    monkeypatch.setattr(speed, "mkldnn_bf16", lambda: arm_bf16)
+    cpu = torch.device("cpu")
+    assert speed.cpu_native_bf16() == expected
+    assert speed.resolve_amp("auto", cpu) == (torch.bfloat16 if expected else None)
+    assert speed.resolve_speed_flags("auto", "auto", "auto", cpu, 1)["channels_last"] == bool(expected)
+    assert speed.resolve_amp("off", cpu) is None and speed.resolve_amp("bf16", cpu) == torch.bfloat16

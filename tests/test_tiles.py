@@ -157,7 +157,7 @@ def test_tiled_agrees_with_whole_on_the_demo_val_images(tmp_path):
     result = run_script("my_train.py", "--demo", "--epochs", "1", "--lr", "1e-3", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     net, _ = open_model(tmp_path / "last.pt", CPU)
-    flags = inference_flags("auto", CPU)   # what the scripts use here: bf16 on CPUs with AMX, else fp32
+    flags = inference_flags("auto", CPU)   # what the scripts use here: bf16 on CPUs with native bf16, else fp32
     voc = demo.make_demo_voc()
     names = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     images = [sd.read_image(voc / "JPEGImages" / f"{name}.jpg") for name in names]
