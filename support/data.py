@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,6 +99,30 @@ def dataset_dir(voc_dir: str | None, demo: bool) -> Path:
     return find_dataset_dir(voc_dir or "VOC2012")
 
 
+CLASS_LINE_RULE = ("a line is 'name' or 'name R G B' (R G B: integers 0..255); a name may hold spaces "
+                   "('potted plant'), and without a colour it must not end in a number")
+
+
+def class_line(path: str | os.PathLike, number: int, line: str, default_color: list[int]) -> tuple[str, list[int]]:
+    """One line of a class file as (name, colour): the last three words are the colour if all three are integers;
+    a name that ends in one or two integers is refused, as a colour with a number missing would be misread."""
+    words = line.split()
+    numbers = 0
+    while numbers < min(len(words), 3) and re.fullmatch(r"[+-]?[0-9]+", words[-1 - numbers]):
+        numbers += 1
+    where = f"{path}, line {number}: {line.strip()!r}"
+    if numbers in (1, 2):
+        raise UsageError(f"{where} ends in {numbers} number{'s' * (numbers - 1)}, not 3; {CLASS_LINE_RULE}")
+    if numbers == len(words):
+        raise UsageError(f"{where} has a colour but no class name; {CLASS_LINE_RULE}")
+    if numbers == 0:
+        return " ".join(words), default_color
+    color = [int(w) for w in words[-3:]]
+    if not all(0 <= v <= 255 for v in color):
+        raise UsageError(f"{where}: a colour value is outside 0..255; {CLASS_LINE_RULE}")
+    return " ".join(words[:-3]), color
+
+
 def read_classes(path: str | os.PathLike) -> tuple[list[str], list[list[int]]]:
     """A class file: one class per line, ``name`` or ``name R G B``; a class's index is its line number.
     Classes without a colour get VOC's palette colour of their index, so a plain list of names draws like VOC."""
@@ -110,15 +135,9 @@ def read_classes(path: str | os.PathLike) -> tuple[list[str], list[list[int]]]:
     palette = voc_palette()
     names, colormap = [], []
     for index, line in enumerate(lines):
-        fields = line.split()
-        if not fields:   # a blank line would silently shift every later index
+        if not line.strip():   # a blank line would silently shift every later index
             raise UsageError(f"{path}, line {index + 1}: empty; each line is a class and its index is the line number")
-        if len(fields) >= 4 and all(f.isdigit() for f in fields[-3:]):
-            name, color = " ".join(fields[:-3]), [int(f) for f in fields[-3:]]
-        else:
-            name, color = " ".join(fields), palette[3 * index:3 * index + 3]
-        if max(color) > 255:
-            raise UsageError(f"{path}, line {index + 1}: colour {color} has a value above 255")
+        name, color = class_line(path, index + 1, line, palette[3 * index:3 * index + 3])
         names.append(name)
         colormap.append(color)
     if not 1 <= len(names) < VOID:

@@ -20,8 +20,10 @@ def add_class_legend(fig, labels: Sequence[torch.Tensor], colormap: Sequence[Seq
     if VOID in present:
         handles.append(Patch(facecolor=[v / 255 for v in VOID_COLOR], edgecolor="0.5",
                              label="void (unlabelled, not scored)"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.02 * (1 + len(handles) // 6)))
+    # Hung from the figure's bottom edge, it grows downwards with more classes (save_figure's tight box takes it in);
+    # anchored by its bottom instead, VOC's 21 classes reached up over the last row of panels.
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0))
 
 
 def image_title(pred: torch.Tensor, label: torch.Tensor, class_names: Sequence[str]) -> str:
@@ -31,9 +33,9 @@ def image_title(pred: torch.Tensor, label: torch.Tensor, class_names: Sequence[s
     metrics.update(pred.cpu(), label)
     result = metrics.compute(class_names)
     title = f"mIoU {result['miou']:.2f}"
-    objects = [v for name, v in list(result["per_class_iou"].items())[1:] if v is not None]
-    if class_names[0] == "background" and objects:
-        title += f", objects {sum(objects) / len(objects):.2f}"
+    others = [v for v in list(result["per_class_iou"].values())[1:] if v is not None]
+    if class_names[0] == "background" and others:
+        title += f" (non-background {sum(others) / len(others):.2f})"
     return title
 
 
@@ -58,23 +60,39 @@ def prediction_figure(models: Sequence[tuple[str, nn.Module]], data: SegDataset,
     return fig
 
 
-def plot_curves(history: list[dict], title: str = ""):
-    """Loss and accuracy curves (as the original repository draws them) plus val mIoU; returns the figure."""
+def epochs_and_lr(rows: list[dict]) -> str:
+    """'epochs 1-6, lr 0.001' (or 'lr 0.01 to 0.0012' where a schedule changed it) from the history's own lr
+    column, so that no epoch is credited with a learning rate it did not run at."""
+    first, last = rows[0]["epoch"], rows[-1]["epoch"]
+    epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+    lrs = [h["lr"] for h in rows]
+    return f"{epochs}, lr {lrs[0]:g}" + ("" if len(set(lrs)) == 1 else f" to {lrs[-1]:g}")
+
+
+def plot_curves(history: list[dict], title: str = "", finetune_start: int | None = None):
+    """Loss and accuracy curves (as the original repository draws them) plus val mIoU, the learning rates of the
+    history in the title; ``finetune_start``, the first epoch of a fine-tune, is marked. Returns the figure."""
+    from matplotlib.ticker import MaxNLocator
     plt = plt_module()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "b-", label="train loss")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.legend()
     ax_acc.plot(epochs, [h["train_acc"] for h in history], "m--", label="train acc")
     validated = [h for h in history if h["val_miou"] is not None]   # --val-every N leaves the others out
     ax_acc.plot([h["epoch"] for h in validated], [h["val_acc"] for h in validated], "g-.", label="val acc")
     ax_acc.plot([h["epoch"] for h in validated], [h["val_miou"] for h in validated], "k-", label="val mIoU")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylim(0, 1)
-    ax_acc.legend()
-    if title:
-        fig.suptitle(title)
+    ax_loss.set_ylabel("train loss")
+    ax_acc.set(ylabel="pixel accuracy, mIoU", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        if finetune_start is not None:
+            ax.axvline(finetune_start, color="0.5", linestyle=":", label=f"fine-tune from epoch {finetune_start}")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # no epoch 1.5 on a short run
+        ax.legend(fontsize=8)
+    start = history[-1]["epoch"] + 1 if finetune_start is None else finetune_start
+    base, tuned = [h for h in history if h["epoch"] < start], [h for h in history if h["epoch"] >= start]
+    lrs = "; ".join(what + epochs_and_lr(rows) for what, rows in (("", base), ("fine-tune ", tuned)) if rows)
+    fig.suptitle(f"{title}: {lrs}" if title else lrs)
     fig.tight_layout()
     return fig
 

@@ -1,8 +1,10 @@
-"""--serve: a local web page where you drop a photo and see the models' predictions side by side (Flask). Uploads are
-decoded in memory and dropped with the response; one model call runs at a time, a few requests may wait for it."""
+"""--serve: a local web page where you drop a photo and see the models' predictions side by side (Flask), and its
+API (docs/serve.md). Uploads are decoded in memory and dropped with the response; one model call runs at a time, a
+few requests may wait for it."""
 from __future__ import annotations
 
 import base64
+import html
 import io
 import socket
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Request, Response, jsonify, request
 from PIL import Image
 from torch import nn
 from werkzeug.exceptions import HTTPException
@@ -30,6 +32,9 @@ MAX_PIXELS = 64_000_000
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                            "img-src data:; connect-src 'self'")
 Model = tuple[str, nn.Module, dict, Path]   # label, network, checkpoint, its path
+FIELD = "file"   # the multipart field that holds the photo (curl -F file=@photo.jpg, the page's own form data)
+DEMO_NOTE = ("trained on the synthetic demo data (coloured shapes, not photos), so predictions on photos mean "
+             "little; train on VOC or your own data for those")
 
 
 class RequestError(Exception):
@@ -58,10 +63,30 @@ class ModelQueue:
             self.places.release()
 
 
+class InMemoryRequest(Request):
+    """Multipart parts stay in memory (werkzeug spills those over 500 kB to a temporary file), so nothing sent
+    becomes a file; MAX_CONTENT_LENGTH bounds them."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
+def uploaded_bytes(req: Request) -> bytes:
+    """The photo of a POST /predict: the multipart field ``file`` (a browser form, curl -F) or else the raw body."""
+    if req.mimetype != "multipart/form-data":
+        return req.get_data(cache=False)   # over MAX_CONTENT_LENGTH: a 413
+    if FIELD not in req.files:
+        sent = ", ".join(f"'{name}'" for name in [*req.files, *req.form]) or "none"
+        raise RequestError(400, f"a multipart upload carries the photo in the field '{FIELD}' (fields sent: {sent}), "
+                                f"e.g. curl -F {FIELD}=@photo.jpg")
+    return req.files[FIELD].read()
+
+
 def decode_image(data: bytes) -> torch.Tensor:
     """The uploaded bytes as an upright uint8 image (3 x H x W), decoded in memory: nothing sent becomes a file."""
     if not data:
-        raise RequestError(400, "no image in the request: send the photo's bytes as the body of POST /predict")
+        raise RequestError(400, f"no image in the request: send the photo as the body of POST /predict or as its "
+                                f"multipart field '{FIELD}'")
     limit = f"the limit is {MAX_PIXELS / 1e6:.0f} Mpixel"
     # Whatever the decoders raise on untrusted bytes, the answer is the same; the header comes first (a size check
     # before decoding the pixels).
@@ -118,16 +143,58 @@ def predict_all(image: torch.Tensor, models: Sequence[Model], device: torch.devi
             "image": data_url(Image.fromarray(image.permute(1, 2, 0).numpy()), "JPEG", quality=90)}
 
 
+def trained_on(checkpoint: dict) -> str:
+    """What a checkpoint's model was trained on: the synthetic demo data or the dataset folder of its run."""
+    config = checkpoint.get("config", {})
+    if config.get("demo"):
+        return "the synthetic demo data (coloured shapes, not photos)"
+    return config.get("voc_dir") or "VOC2012"   # training's default folder
+
+
+def class_key_html(checkpoint: dict) -> str:
+    """Every class of a checkpoint, index, colour and name, as the page's legend."""
+    return '<ul class="legend key">' + "".join(
+        f'<li><span class="swatch" style="background: rgb({r},{g},{b})"></span>{index} {html.escape(name)}</li>'
+        for index, (name, (r, g, b)) in enumerate(zip(checkpoint["class_names"], checkpoint["colormap"]))) + "</ul>"
+
+
+def about_html(models: Sequence[Model]) -> str:
+    """The page's first view: each model, its file and epoch, what it was trained on, and its classes (once where
+    all models share them)."""
+    shared = all(c["class_names"] == models[0][2]["class_names"] and c["colormap"] == models[0][2]["colormap"]
+                 for _, _, c, _ in models)
+    parts = []
+    for label, _, checkpoint, path in models:
+        epoch = f", epoch {checkpoint['epoch']}" if "epoch" in checkpoint else ""
+        classes = f"{checkpoint['num_classes']} classes" + ("" if shared else f": {class_key_html(checkpoint)}")
+        parts.append(f'<div class="about-model"><h2>{html.escape(label)}</h2><div class="path">'
+                     f'{html.escape(str(path))}{epoch}</div><p>trained on {html.escape(trained_on(checkpoint))}; '
+                     f'{classes}</p></div>')
+    key = f'<h2>classes</h2>{class_key_html(models[0][2])}' if shared else ""
+    return f'<div id="models">{"".join(parts)}</div>{key}'
+
+
+def demo_note_html(models: Sequence[Model]) -> str:
+    """The note the command line prints for a model of the demo data, on the page; empty for other models."""
+    demo = [label for label, _, checkpoint, _ in models if checkpoint.get("config", {}).get("demo")]
+    if not demo:
+        return ""
+    were = "was" if len(demo) == 1 else "were"
+    return f'<p id="note">note: {html.escape(" and ".join(demo))} {were} {DEMO_NOTE}.</p>'
+
+
 def create_app(models: Sequence[Model], device: torch.device, tile: Tile = "auto", overlap: float = DEFAULT_OVERLAP,
                max_upload_mb: float = 25, max_waiting: int = 4, **flags) -> Flask:
-    """The web app: GET / is the page, POST /predict takes the photo's bytes and answers JSON; every error is JSON
-    with an 'error' line and a 4xx/5xx status, never a traceback."""
+    """The web app: GET / is the page, POST /predict takes the photo (raw body or multipart field 'file') and
+    answers JSON; every error is JSON with an 'error' line and a 4xx/5xx status, never a traceback."""
     app = Flask(__name__)
+    app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 2**20)
     queue = ModelQueue(max_waiting)
     page = (PAGE.replace("__MAX_BYTES__", str(app.config["MAX_CONTENT_LENGTH"]))
             .replace("__MAX_MB__", f"{max_upload_mb:g}")
-            .replace("__TITLE__", " vs ".join(label for label, *_ in models)))
+            .replace("__TITLE__", html.escape(" vs ".join(label for label, *_ in models)))
+            .replace("__NOTE__", demo_note_html(models)).replace("__ABOUT__", about_html(models)))
 
     @app.get("/")
     def index() -> Response:
@@ -136,7 +203,7 @@ def create_app(models: Sequence[Model], device: torch.device, tile: Tile = "auto
     @app.post("/predict")
     def predict() -> Response:
         with queue.place():
-            data = request.get_data(cache=False)   # over MAX_CONTENT_LENGTH: a 413
+            data = uploaded_bytes(request)
             with queue.model:
                 return jsonify(predict_all(decode_image(data), models, device, tile, overlap, **flags))
 
@@ -190,15 +257,23 @@ h1 { font-size: 1.3em; margin: 0 0 .6em; } .model h2 { font-size: 1.1em; margin:
 .stack { position: relative; } .stack img { display: block; width: 100%; }
 .stack .layer { position: absolute; left: 0; top: 0; height: 100%; image-rendering: pixelated; }
 .legend { list-style: none; padding: 0; margin: .5em 0; } .legend li { display: flex; align-items: center; gap: .5em; }
-.swatch { width: 1em; height: 1em; border: 1px solid #444; }
+.swatch { width: 1em; height: 1em; border: 1px solid #444; flex: none; }
+#note { background: #fff4d6; border: 1px solid #d9a400; border-radius: 5px; padding: .4em .7em; }
+#about { margin: .6em 0; } #about summary { cursor: pointer; font-weight: bold; }
+#models { display: flex; flex-wrap: wrap; gap: 0 2em; } #models p { margin: .2em 0; }
+.key { columns: 12em; } #about h2 { font-size: 1.1em; margin: .6em 0 .2em; }
+code { background: #f2f2f2; padding: 0 .25em; }
 .legend b { margin-left: auto; font-variant-numeric: tabular-nums; }
 a.button { padding: .3em .8em; border: 1px solid #36c; border-radius: 5px; color: #36c; text-decoration: none; }
 </style></head><body>
 <h1>__TITLE__ on your photo</h1>
-<div id="drop"><p>Drop a photo here, or choose one: <input type="file" id="file" accept="image/*"></p>
+__NOTE__<div id="drop"><p>Drop a photo here, or choose one: <input type="file" id="file" accept="image/*"></p>
 <p class="hint">Up to __MAX_MB__ MB, any size (large photos are predicted in tiles). Nothing is kept.</p></div>
 <p><label>overlay opacity <input type="range" id="opacity" min="0" max="1" step="0.05" value="0.6"></label></p>
+<details id="about" open><summary>the models and their classes</summary>__ABOUT__</details>
 <div id="status"></div><div id="results" data-state="empty"></div>
+<p class="hint">From a script: <code id="api">curl -F file=@photo.jpg http://HOST:PORT/predict</code> answers JSON
+(the API: docs/serve.md).</p>
 <script>
 const MAX_BYTES = __MAX_BYTES__, $ = id => document.getElementById(id);
 const element = (tag, props = {}, ...children) => {
@@ -213,6 +288,7 @@ async function send(file) {
   const results = $('results');
   results.replaceChildren();
   results.dataset.state = 'busy';
+  $('about').open = false;   // the results take its place; a click opens it again
   if (file.size > MAX_BYTES) {
     results.dataset.state = 'error';
     return say(`${file.name} is ${(file.size / 2 ** 20).toFixed(1)} MB, over the limit of __MAX_MB__ MB`, true);
@@ -220,7 +296,9 @@ async function send(file) {
   say(`predicting ${file.name} …`);
   let reply, answer;
   try {
-    reply = await fetch('predict', {method: 'POST', body: file});
+    const form = new FormData();
+    form.append('file', file);   // multipart, as a form or curl -F sends it
+    reply = await fetch('predict', {method: 'POST', body: form});
     answer = await reply.json();
   } catch (e) {
     results.dataset.state = 'error';
@@ -253,6 +331,7 @@ function show(answer, name) {
     say('the browser could not show the result', true);
   });
 }
+$('api').textContent = `curl -F file=@photo.jpg ${new URL('predict', location.href)}`;
 $('file').addEventListener('change', e => send(e.target.files[0]));
 $('opacity').addEventListener('input', fade);
 const drop = $('drop');

@@ -130,9 +130,9 @@ def test_d2l_pixel_acc_only_where_class_0_is_background():
 
 def test_image_title():
     # mIoU over the classes present (background 0.25, c1 0.75, c2 0.5, c3 0.0), and over the non-background ones.
-    assert figures.image_title(PRED, TARGET, NAMES) == f"mIoU 0.38, objects {(0.75 + 0.5 + 0.0) / 3:.2f}"
+    assert figures.image_title(PRED, TARGET, NAMES) == f"mIoU 0.38 (non-background {(0.75 + 0.5 + 0.0) / 3:.2f})"
     everything_background = torch.zeros_like(PRED)
-    assert figures.image_title(everything_background, TARGET, NAMES).endswith("objects 0.00")
+    assert figures.image_title(everything_background, TARGET, NAMES).endswith("(non-background 0.00)")
     assert figures.image_title(PRED, TARGET, ["sky"] + NAMES[1:]) == "mIoU 0.38"   # no background class
 
 

@@ -175,13 +175,38 @@ def test_class_file_without_colours_takes_the_voc_palette(tmp_path):
 
 @pytest.mark.parametrize("text, message", [("a\n\nb\n", "line 2: empty"),
                                            ("a 1 2 3\nb 1 2 3\n", "colour (1, 2, 3) is given to two classes"),
-                                           ("a\na\n", "name a is given to two classes"),
-                                           ("a 1 2 300\n", "above 255")])
+                                           ("a\na\n", "name a is given to two classes")])
 def test_bad_class_files_are_refused(tmp_path, text, message):
     path = tmp_path / "classes.txt"
     path.write_text(text)
     with pytest.raises(sd.UsageError, match=re.escape(message)):
         data.read_classes(path)
+
+
+RULE = ("a line is 'name' or 'name R G B' (R G B: integers 0..255); a name may hold spaces ('potted plant'), and "
+        "without a colour it must not end in a number")
+
+
+@pytest.mark.parametrize("line, problem", [("cat 64 0", "'cat 64 0' ends in 2 numbers, not 3"),
+                                           ("class 7", "'class 7' ends in 1 number, not 3"),
+                                           ("12", "'12' ends in 1 number, not 3"),
+                                           ("  64 128 0", "'64 128 0' has a colour but no class name"),
+                                           ("cat 1 2 300", "'cat 1 2 300': a colour value is outside 0..255"),
+                                           ("cat -1 2 3", "'cat -1 2 3': a colour value is outside 0..255")])
+def test_a_malformed_class_line_is_one_line_naming_file_and_line(tmp_path, line, problem):
+    """A colour with a number missing would otherwise become part of the name ('cat 64 0' a class of VOC's colour)."""
+    path = tmp_path / "classes.txt"
+    path.write_text(f"background\npotted plant 0 64 128\n{line}\ndog\n")
+    with pytest.raises(sd.UsageError) as error:
+        data.read_classes(path)
+    assert str(error.value) == f"{path}, line 3: {problem}; {RULE}"
+
+
+def test_class_names_may_hold_spaces_and_numbers_before_the_colour(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("potted plant\ntv monitor 0 64 128\nroad 2 lane 10 20 30\nlane 3 1 2 3\n")
+    assert data.read_classes(path) == (["potted plant", "tv monitor", "road 2 lane", "lane 3"],
+                                       [voc_palette()[:3], [0, 64, 128], [10, 20, 30], [1, 2, 3]])
 
 
 @pytest.mark.parametrize("kind", ["palette", "rgb", "gray"])
@@ -278,7 +303,7 @@ def test_images_give_palette_pngs_of_the_input_size_and_overlays(trained, tmp_pa
             assert png.getpalette()[:9] == sum(COLOURS, [])
             indices = torch.from_numpy(np.array(png))
         image = sd.read_image(tmp_path / "in" / f"{name}{'.jpg' if name in ('odd', 'cmyk') else '.png'}")
-        cpu = torch.device("cpu")   # the script's defaults: bf16 where this CPU has AMX
+        cpu = torch.device("cpu")   # the script's defaults: bf16 where this CPU computes it natively
         _, expected = next(sd.predict_full_res(net, [image], cpu, **speed.inference_flags("auto", cpu)))
         assert torch.equal(indices, expected.to(torch.uint8))   # the model's own full-resolution prediction
         assert int(indices.max()) < 3

@@ -1,6 +1,7 @@
-"""--serve over real HTTP on 127.0.0.1: the page, a good image, the tiled path, bad requests (too large, not an
-image, wrong method), the one-at-a-time queue, the command line, and a real headless Chromium that uploads a demo
-image and shows the overlays. Tiny random-init networks, CPU only."""
+"""--serve over real HTTP on 127.0.0.1: the page and its first view (models, data, classes, the demo note), a good
+image as a raw body and as a multipart upload, the tiled path, bad requests (too large, not an image, wrong method,
+wrong field), the one-at-a-time queue, the command line, and a real headless Chromium that uploads a demo image and
+shows the overlays. Tiny random-init networks, CPU only."""
 from __future__ import annotations
 
 import base64
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import werkzeug.formparser
 from PIL import Image
 from torch import nn
 from werkzeug.serving import make_server
@@ -74,8 +76,9 @@ def running(app):
         server.server_close()
 
 
-def http(url: str, data: bytes | None = None, method: str | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, method=method)
+def http(url: str, data: bytes | None = None, method: str | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=120) as reply:
             return reply.status, reply.read()
@@ -103,7 +106,38 @@ def assert_error(status: int, body: bytes, expected: int, words: str) -> None:
     assert words in error and "\n" not in error
 
 
+def multipart(parts: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body and its header, byte for byte as curl -F writes them: {field: (filename or None
+    for a plain field, content)}."""
+    boundary = "------------------------d74496d66958873e"
+    body = b""
+    for field, (filename, content) in parts.items():
+        file = f'; filename="{filename}"\r\nContent-Type: application/octet-stream' if filename is not None else ""
+        body += f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"{file}\r\n\r\n'.encode()
+        body += content + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def jpeg_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def without_times(body: bytes) -> dict:
+    answer = json.loads(body)
+    for result in answer["models"]:
+        result.pop("seconds")
+    return answer
+
+
 PHOTO = synthetic_image(70, 90, 1)
+
+
+def demo_models(models: list[serve.Model]) -> list[serve.Model]:
+    """The same networks, as if trained on the demo data (the checkpoint config says so)."""
+    return [(label, net, dict(checkpoint, config={"demo": True}, epoch=12), path)
+            for label, net, checkpoint, path in models]
 
 
 def test_page_is_self_contained(models):
@@ -115,6 +149,63 @@ def test_page_is_self_contained(models):
     assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", page), "no external assets"
     assert "@import" not in page and "url(" not in page
     assert "default-src 'none'" in policy
+
+
+def test_first_view_names_the_models_their_data_and_classes(models):
+    """Before any upload: each model's file, what it was trained on, and every class with its colour."""
+    with running(serve.create_app(models, CPU)) as url:
+        page = http(url)[1].decode()
+    for label, _, _, path in models:
+        assert f"<h2>{label}</h2><div class=\"path\">{path}</div><p>trained on VOC2012; 21 classes</p>" in page
+    for index, (name, (r, g, b)) in enumerate(zip(sd.VOC_CLASSES, sd.VOC_COLORMAP)):
+        assert f'<span class="swatch" style="background: rgb({r},{g},{b})"></span>{index} {name}</li>' in page
+    assert page.count('class="swatch" style=') == 21, "one key, as both models have VOC's classes"
+    assert 'id="note"' not in page and "demo data" not in page
+
+
+def test_first_view_of_demo_models_carries_the_demo_note(models):
+    with running(serve.create_app(demo_models(models), CPU)) as url:
+        page = http(url)[1].decode()
+    assert ('<p id="note">note: FCN and U-Net were trained on the synthetic demo data (coloured shapes, not photos), '
+            'so predictions on photos mean little; train on VOC or your own data for those.</p>') in page
+    assert "epoch 12</div><p>trained on the synthetic demo data (coloured shapes, not photos); 21 classes" in page
+
+
+def test_a_multipart_upload_answers_as_the_raw_body_does(models):
+    """curl -F file=@street.jpg (and a browser form) send multipart/form-data: the same answer as the raw JPEG."""
+    jpeg = jpeg_bytes(PHOTO)
+    body, headers = multipart({"note": (None, b"a plain field first"), "file": ("street.jpg", jpeg)})
+    with running(serve.create_app(models, CPU)) as url:
+        status, answer = http(url + "predict", body, headers=headers)
+        raw_status, raw_answer = http(url + "predict", jpeg, headers={"Content-Type": "image/jpeg"})
+    assert (status, raw_status) == (200, 200), answer[:300]
+    assert without_times(answer) == without_times(raw_answer)
+    assert (json.loads(answer)["width"], json.loads(answer)["height"]) == (90, 70)
+
+
+def test_bad_multipart_uploads_get_one_line(models):
+    wrong_field, headers = multipart({"image": ("street.jpg", jpeg_bytes(PHOTO)), "x": (None, b"1")})
+    no_file, _ = multipart({"file": ("", b"")})   # a browser form sent with no file chosen
+    with running(serve.create_app(models, CPU, max_upload_mb=1)) as url:
+        status, body = http(url + "predict", wrong_field, headers=headers)
+        assert_error(status, body, 400, "")
+        assert json.loads(body)["error"] == ("a multipart upload carries the photo in the field 'file' (fields sent: "
+                                             "'image', 'x'), e.g. curl -F file=@photo.jpg")
+        assert_error(*http(url + "predict", no_file, headers=headers), 400, "no image in the request")
+        assert_error(*http(url + "predict", multipart({"file": ("a.jpg", b"not an image")})[0], headers=headers),
+                     415, "not an image")
+        too_large, _ = multipart({"file": ("big.jpg", os.urandom(1_500_000))})
+        assert_error(*http(url + "predict", too_large, headers=headers), 413, "over the limit of 1 MB")
+
+
+def test_a_multipart_upload_never_becomes_a_file(models, monkeypatch):
+    """werkzeug spills parts over 500 kB to a temporary file; the server keeps them in memory instead."""
+    def no_file(*args, **kwargs):
+        raise AssertionError("an upload was written to a temporary file")
+    monkeypatch.setattr(werkzeug.formparser, "SpooledTemporaryFile", no_file)   # what werkzeug would call
+    body, headers = multipart({"file": ("big.bin", os.urandom(800_000))})
+    with running(serve.create_app(models, CPU)) as url:
+        assert_error(*http(url + "predict", body, headers=headers), 415, "not an image")   # read, not a 500
 
 
 def test_good_image(models):
@@ -287,6 +378,7 @@ def browser_screenshot(url: str, image: Path, out: Path, opacity: float | None =
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.get(url)
+        first_view = driver.find_element(By.TAG_NAME, "body").text
         driver.find_element(By.ID, "file").send_keys(str(Path(image).resolve()))
         results = driver.find_element(By.ID, "results")
         WebDriverWait(driver, 120).until(lambda _: results.get_attribute("data-state") in ("done", "error"))
@@ -295,7 +387,8 @@ def browser_screenshot(url: str, image: Path, out: Path, opacity: float | None =
                                   "s.dispatchEvent(new Event('input'));", opacity)
         driver.save_screenshot(str(out))
         return {"state": results.get_attribute("data-state"), "status": driver.find_element(By.ID, "status").text,
-                "layers": [layer.rect for layer in driver.find_elements(By.CSS_SELECTOR, ".layer")]}
+                "layers": [layer.rect for layer in driver.find_elements(By.CSS_SELECTOR, ".layer")],
+                "first_view": first_view, "about_open": driver.execute_script("return $('about').open")}
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -304,12 +397,20 @@ def browser_screenshot(url: str, image: Path, out: Path, opacity: float | None =
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="no chromium and chromedriver found (Debian: apt-get "
                     "install chromium chromium-driver; .ci/run installs them)")
 def test_browser_shows_the_overlays(models, tmp_path):
-    """A real headless Chromium uploads a demo val image; the overlays appear with the class colours."""
+    """A real headless Chromium shows the models, the demo note and the classes, then uploads a demo val image (as
+    the page's multipart form data); the overlays appear with the class colours."""
     pytest.importorskip("selenium", reason="selenium is not installed (.ci/run installs it)")
     image = sorted((demo.make_demo_voc() / "JPEGImages").glob("demo_val_*.jpg"))[0]
     shot = tmp_path / "serve.png"
-    with running(serve.create_app(models, CPU)) as url:
+    with running(serve.create_app(demo_models(models), CPU)) as url:
         page = browser_screenshot(url, image, shot, opacity=1.0)
+    first_view = page["first_view"].splitlines()
+    assert first_view[1].startswith("note: FCN and U-Net were trained on the synthetic demo data"), first_view
+    for label, _, _, path in models:
+        assert first_view[first_view.index(label) + 1:][:2] == [
+            f"{path}, epoch 12", "trained on the synthetic demo data (coloured shapes, not photos); 21 classes"]
+    assert all(f"{index} {name}" in first_view for index, name in enumerate(sd.VOC_CLASSES))
+    assert page["about_open"] is False, "the results take the first view's place"
     assert page["state"] == "done", page["status"]
     assert "pixels, predicted as a whole" in page["status"]
     assert len(page["layers"]) == 2
