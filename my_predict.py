@@ -5,7 +5,7 @@
     python my_predict.py --images photos/ --save-dir predictions --tta   # NAME.png (class indices), NAME_overlay.jpg
     python my_predict.py --serve    # http://127.0.0.1:8000/: drop a photo, see the FCN and the U-Net side by side
 """
-from support.cli import predict_arg_parser
+from support.cli import predict_arg_parser, predict_config
 from support.errors import run_main
 from support.prediction import run_prediction
 
@@ -16,8 +16,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the FCN checkpoint to compare with (default: %(default)s)")
     p.add_argument("--compare-figure", default="pictures/compare.png",
                    help="the figure with both networks (default: %(default)s)")
-    args = p.parse_args(argv)
-    run_prediction(args, network="unet", strict=False, compare=args.compare, compare_figure=args.compare_figure)
+    run_prediction(predict_config(vars(p.parse_args(argv))), network="unet", strict=False)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from origin_train import DEFAULTS as BOOK_DEFAULTS
 from some_define import UsageError
-from support.cli import finish_train_args, train_arg_parser
+from support.cli import train_arg_parser, train_config
 from support.errors import run_main
 from support.study import run_study, train_preset
 from support.training import train
@@ -67,14 +67,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    flags = vars(args)   # the flags given override the defaults, once, in train_config
     finetune_epochs = FINETUNE_EPOCHS["demo" if args.demo else "full"]
     if args.study:
         presets = {name: PRESETS[name] for name in args.presets} if args.presets else PRESETS
-        run_study(args, presets, DEFAULTS, finetune_epochs)
+        run_study(flags, presets, DEFAULTS, finetune_epochs, args.pictures, args.num)
     elif args.preset:
-        train_preset(args, args.preset, Path(args.out or "runs"), PRESETS, DEFAULTS, finetune_epochs)
+        train_preset(flags, args.preset, Path(args.out or "runs"), PRESETS, DEFAULTS, finetune_epochs)
     else:
-        train(finish_train_args(args, DEFAULTS))
+        train(train_config(flags, DEFAULTS))
 
 
 if __name__ == "__main__":

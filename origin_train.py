@@ -5,13 +5,13 @@
     python origin_train.py --download      # fetch and extract VOC 2012 first (--mirror URL if its host is down)
     python origin_train.py --voc-dir mine --classes mine/classes.txt   # your own dataset in VOC layout
 """
-from support.cli import finish_train_args, train_arg_parser
+from support.cli import train_arg_parser, train_config
 from support.errors import run_main
 from support.training import train
 
 # The book's settings (the original repository trained 30 epochs; the book 5).
 DEFAULTS = {
-    "voc_dir": "VOC2012",
+    "data_dir": "VOC2012",      # --voc-dir
     "model": "fcn",
     "pretrained": "imagenet",
     "optimizer": "sgd",         # plain SGD, no momentum
@@ -35,7 +35,7 @@ DEFAULTS = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = train_arg_parser(__doc__.splitlines()[0], DEFAULTS, choose_model=False)   # the book's FCN only
-    train(finish_train_args(parser.parse_args(argv), DEFAULTS))
+    train(train_config(vars(parser.parse_args(argv)), DEFAULTS))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ d2l section                             here
 Semantic Segmentation and the Dataset   VOC_CLASSES, VOC_COLORMAP, read_voc_images, voc_colormap2label,
                                         voc_label_indices, voc_rand_crop, VOCSegDataset, load_data_voc
 Transposed Convolution                  bilinear_kernel
-Fully Convolutional Networks            FCN, segmentation_loss, train_step / train_epoch (the book's
+Fully Convolutional Networks            FCN, SegmentationLoss, train_step / train_epoch (the book's
                                         train_batch_ch13 / train_ch13), predict, label2image
 then the project's own: ResNetUNet (a U-Net from the same ResNet-18), SegMetrics, evaluate, and the figures.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ def read_label(path: str | os.PathLike, colormap2label: torch.Tensor, num_classe
     bad = (label >= num_classes) & (label != VOID)
     if bad.any():
         raise UsageError(f"{path}: label value {int(label[bad][0])} is not a class index (0..{num_classes - 1}) "
-                         f"or void ({VOID}); check the file, the class list (--classes) or --ignore-index")
+                         f"or void ({VOID})")
     return label.to(torch.uint8)
 
 
@@ -123,7 +123,7 @@ def voc_split_files(voc_dir: str | os.PathLike, split: str) -> list[tuple[str, P
     voc_dir = Path(voc_dir)
     split_file = voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not split_file.is_file():
-        raise UsageError(f"{split_file}: split file not found; check --voc-dir or the split name")
+        raise UsageError(f"{split_file}: split file not found")
     names = split_file.read_text().split()
     if not names:
         raise UsageError(f"{split_file}: the split is empty")
@@ -252,7 +252,7 @@ class RandomCropBatchSampler(torch.utils.data.Sampler):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         if len(self.sizes) < batch_size:
-            raise UsageError(f"--batch-size {batch_size} is larger than the training split ({len(self.sizes)} images)")
+            raise UsageError(f"a batch of {batch_size} is larger than the training split ({len(self.sizes)} images)")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -339,21 +339,23 @@ def resnet18_backbone(pretrained: str = "imagenet") -> nn.Module:
             net.load_state_dict(weights.get_state_dict(progress=True))
         except Exception as e:  # network down, proxy, read-only cache, ...
             raise UsageError(f"could not download the ImageNet ResNet-18 weights ({type(e).__name__}); download "
-                             f"{weights.url} by hand and put {RESNET18_FILE} in the current folder or pass "
-                             f"--pretrained PATH, or train from scratch with --pretrained none")
+                             f"{weights.url} by hand and put {RESNET18_FILE} in the current folder")
         return net
     path = Path(RESNET18_FILE if pretrained == "imagenet" else pretrained)
     if not path.is_file():
-        raise UsageError(f"--pretrained {pretrained}: no such file; use imagenet, none, or a path to {RESNET18_FILE}")
+        raise UsageError(f"{pretrained}: no such file; a path to {RESNET18_FILE} is expected")
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
-        raise UsageError(f"--pretrained {pretrained}: not a ResNet-18 state_dict ({type(e).__name__}: {first})")
+        raise UsageError(f"{pretrained}: not a ResNet-18 state_dict ({type(e).__name__}: {first})")
     return net
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+STRIDE = 32   # both networks downsample by 32: inputs are padded to multiples of it
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = STRIDE) -> torch.Tensor:
     """Zero-pad (bottom/right) a normalised batch so that H and W are multiples of ``multiple``."""
     h, w = x.shape[-2:]
     return F.pad(x, (0, -w % multiple, 0, -h % multiple))
@@ -375,7 +377,7 @@ class FCN(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Unlike the book, any input size works: padded to a multiple of 32, the output cropped back.
         h, w = x.shape[-2:]
-        return super().forward(pad_to_multiple(x, 32))[..., :h, :w]
+        return super().forward(pad_to_multiple(x))[..., :h, :w]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -417,7 +419,7 @@ class ResNetUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        x = pad_to_multiple(x, 32)
+        x = pad_to_multiple(x)
         x_original = self.conv_original_size1(self.conv_original_size0(x))
         layer0 = self.layer0(x)
         layer1 = self.layer1(layer0)
@@ -473,6 +475,29 @@ def pixel_weights(targets: torch.Tensor, weight: torch.Tensor | None = None) -> 
     """How much each pixel counts: 1 (or its class's weight) if labelled, 0 if void."""
     valid = targets != VOID
     return valid.float() if weight is None else weight[targets.masked_fill(~valid, 0)] * valid
+
+
+class SegmentationLoss:
+    """The criterion, decided once: the void rule, the reduction and the class weights (torchvision's
+    ``criterion(output, target)``, plus the denominator that accumulated micro-batches share)."""
+
+    def __init__(self, reduction: str = "sum", void: str = "background", weight: torch.Tensor | None = None):
+        self.reduction, self.void, self.weight = reduction, void, weight
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        return prepare_targets(labels, self.void)
+
+    def denominator(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """What a 'mean' loss divides by: the (weighted) labelled pixels of ``targets``; None for 'sum'."""
+        return pixel_weights(targets, self.weight).sum() if self.reduction == "mean" else None
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
+                 denominator: torch.Tensor | None = None) -> torch.Tensor:
+        return segmentation_loss(logits, targets, self.reduction, denominator, self.weight)
+
+    def per_image(self, loss: float, num_images: int) -> float:
+        """The loss as the log shows it: per image for 'sum' (the book divides by the examples), as is for 'mean'."""
+        return loss / num_images if self.reduction == "sum" else loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -544,6 +569,12 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, wd: flo
     raise UsageError(f"unknown optimizer {name!r}; choose sgd or adam")
 
 
+class Speed(NamedTuple):
+    """How batches run: the autocast dtype (None: fp32) and the memory format."""
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
@@ -553,62 +584,55 @@ def to_device_batch(images: torch.Tensor, device: torch.device, channels_last: b
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
-               device: torch.device, void: str, reduction: str, accum_steps: int = 1,
-               amp_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
-               channels_last: bool = False, world_size: int = 1,
-               class_weights: torch.Tensor | None = None) -> tuple[float, int, int]:
-    """One optimizer step on this process's share of a batch, in ``accum_steps`` micro-batches whose gradients add
-    up to the whole batch's. Returns (this process's share of the batch loss, correct pixels, labelled pixels)."""
-    targets_all = prepare_targets(labels.to(device, non_blocking=True), void)
-    num_valid = None
-    if reduction == "mean":   # the denominator of the whole batch, over every micro-batch and process
-        num_valid = pixel_weights(targets_all, class_weights).sum()
-        if world_size > 1:
-            import torch.distributed as dist
-            dist.all_reduce(num_valid)
-    optimizer.zero_grad(set_to_none=True)
-    # Loss, correct and labelled pixels stay on the device until the end of the step: one host sync per step.
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    chunks = list(zip(images.chunk(accum_steps), targets_all.chunk(accum_steps)))
-    for k, (images_mb, targets) in enumerate(chunks):
-        # Under DDP, synchronise gradients only on the last micro-batch: the others only add to them.
-        no_sync = net.no_sync() if k < len(chunks) - 1 and hasattr(net, "no_sync") else nullcontext()
-        with no_sync:
-            with autocast(device, amp_dtype):
-                logits = net(to_device_batch(images_mb, device, channels_last))
-            # DDP averages gradients over processes; times world_size, the step is a single process's on the
-            # whole (global) batch, for the summed loss and the mean alike.
-            loss = segmentation_loss(logits, targets, reduction, num_valid, class_weights) * world_size
-            (scaler.scale(loss) if scaler else loss).backward()
-        valid = targets != VOID
-        totals += torch.stack([loss.detach(), ((logits.argmax(1) == targets) & valid).sum(), valid.sum()])
-    if scaler:
+def forward_backward(net: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss: Callable, speed: Speed,
+                     scaler: torch.amp.GradScaler | None = None, denominator: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The middle of a step: forward under autocast, the loss, backward (scaled for fp16). Returns (loss, logits)."""
+    with autocast(targets.device, speed.amp_dtype):
+        logits = net(to_device_batch(images, targets.device, speed.channels_last))
+    l = loss(logits, targets, denominator)
+    (scaler.scale(l) if scaler else l).backward()
+    return l.detach(), logits
+
+
+def pixel_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(correct, labelled) pixels, as a tensor on the device: the book's accuracy without void pixels."""
+    valid = targets != VOID
+    return torch.stack([((logits.argmax(1) == targets) & valid).sum(), valid.sum()])
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+    if scaler:   # fp16: unscale, skip the step if a gradient overflowed, adapt the scale
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    loss_total, correct, counted = totals.tolist()
-    share = loss_total / world_size
-    if reduction == "sum":   # per image, as the book's log divides by the number of examples
-        share /= len(images) * world_size
-    return share, int(correct), int(counted)
 
 
-def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, device: torch.device,
-                void: str, reduction: str, accum_steps: int = 1, amp_dtype: torch.dtype | None = None,
-                scaler: torch.amp.GradScaler | None = None, channels_last: bool = False, world_size: int = 1,
-                class_weights: torch.Tensor | None = None, totals: dict | None = None,
-                on_step: Callable[[dict, float], None] | None = None) -> dict:
-    """One pass over ``batches``: returns the totals (loss shares, correct and labelled pixels, images, steps),
-    continuing ``totals`` if given. ``on_step(totals, loss)`` runs after every step (progress, stopping)."""
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               loss: SegmentationLoss, speed: Speed = Speed(), scaler: torch.amp.GradScaler | None = None
+               ) -> tuple[float, int, int]:
+    """The book's train_batch_ch13: move the batch, forward, loss, backward, step, count (train_epoch sets training
+    mode). Returns (the loss as the log shows it, correct pixels, labelled pixels)."""
+    device = next(net.parameters()).device
+    targets = loss.targets(labels.to(device, non_blocking=True))
+    optimizer.zero_grad(set_to_none=True)
+    l, logits = forward_backward(net, images, targets, loss, speed, scaler)
+    optimizer_step(optimizer, scaler)
+    # One host sync per step: the loss and both counts come back together.
+    l, correct, labelled = torch.cat([l.double().view(1), pixel_counts(logits, targets).double()]).tolist()
+    return loss.per_image(l, len(images)), int(correct), int(labelled)
+
+
+def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, step: Callable = train_step,
+                totals: dict | None = None, on_step: Callable[[dict, float], None] | None = None) -> dict:
+    """The book's train_ch13, one epoch: ``step(net, optimizer, images, labels)`` over ``batches``; returns the
+    totals (loss, correct and labelled pixels, images, steps), continuing ``totals`` if given. ``on_step(totals,
+    loss)`` runs after every step (progress, stopping)."""
     totals = dict(totals or {"loss": 0.0, "correct": 0, "counted": 0, "seen": 0, "steps": 0})
     net.train()
     for images, labels in batches:
-        loss, correct, counted = train_step(net, optimizer, images, labels, device=device, void=void,
-                                            reduction=reduction, accum_steps=accum_steps, amp_dtype=amp_dtype,
-                                            scaler=scaler, channels_last=channels_last, world_size=world_size,
-                                            class_weights=class_weights)
+        loss, correct, counted = step(net, optimizer, images, labels)
         for key, value in (("loss", loss), ("correct", correct), ("counted", counted), ("seen", len(images)),
                            ("steps", 1)):
             totals[key] += value
@@ -623,18 +647,17 @@ def train_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Itera
 
 def padded_size(image_hw: Sequence[int]) -> tuple[int, int]:
     """An image's size padded to multiples of 32, as the networks need."""
-    return image_hw[0] + -image_hw[0] % 32, image_hw[1] + -image_hw[1] % 32
+    return image_hw[0] + -image_hw[0] % STRIDE, image_hw[1] + -image_hw[1] % STRIDE
 
 
-def padded_logits(net: nn.Module, images: Sequence[torch.Tensor], device: torch.device,
-                  amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False
-                  ) -> torch.Tensor:
+def padded_logits(net: nn.Module, images: Sequence[torch.Tensor], device: torch.device, speed: Speed = Speed(),
+                  tta: bool = False) -> torch.Tensor:
     """Logits (N x C x padded H x padded W) of uint8 images of one padded_size; ``tta`` averages them with those of
     the horizontally mirrored batch (mirrored back)."""
-    x = torch.stack([pad_to_multiple(to_device_batch(image[None], device, False), 32)[0] for image in images])
-    if channels_last:
+    x = torch.stack([pad_to_multiple(to_device_batch(image[None], device, False))[0] for image in images])
+    if speed.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp_dtype):
+    with autocast(device, speed.amp_dtype):
         logits = net(x)
         if tta:
             logits = (logits + net(x.flip(-1)).flip(-1)) / 2
@@ -643,12 +666,11 @@ def padded_logits(net: nn.Module, images: Sequence[torch.Tensor], device: torch.
 
 @torch.inference_mode()
 def predict_full_res(net: nn.Module, images: Sequence[torch.Tensor], device: torch.device, batch_size: int = 8,
-                     amp_dtype: torch.dtype | None = None, channels_last: bool = False, tta: bool = False
-                     ) -> Iterator[tuple[int, torch.Tensor]]:
+                     speed: Speed = Speed(), tta: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (index, predicted labels H x W) for every image at full resolution. Images that pad to the same
     multiple-of-32 size are batched together, so each prediction equals the one of that image alone."""
     net.eval()
-    if channels_last:
+    if speed.channels_last:
         net.to(memory_format=torch.channels_last)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
@@ -656,23 +678,24 @@ def predict_full_res(net: nn.Module, images: Sequence[torch.Tensor], device: tor
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            pred = padded_logits(net, [images[i] for i in chunk], device, amp_dtype, channels_last, tta).argmax(1)
+            pred = padded_logits(net, [images[i] for i in chunk], device, speed, tta).argmax(1)
             for i, p in zip(chunk, pred):
                 h, w = images[i].shape[1:]
                 yield i, p[:h, :w]
 
 
-def predict(img: torch.Tensor, net: nn.Module, device: torch.device | None = None, **flags) -> torch.Tensor:
+def predict(img: torch.Tensor, net: nn.Module, device: torch.device | None = None, speed: Speed = Speed(),
+            tta: bool = False) -> torch.Tensor:
     """The predicted classes (H x W) of one uint8 image (3 x H x W); the book's net is a global, here an argument."""
     device = device or next(net.parameters()).device
-    return next(predict_full_res(net, [img], device, batch_size=1, **flags))[1]
+    return next(predict_full_res(net, [img], device, 1, speed, tta))[1]
 
 
 def evaluate(net: nn.Module, data: SegDataset, device: torch.device, num_classes: int, batch_size: int = 8,
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> SegMetrics:
+             speed: Speed = Speed()) -> SegMetrics:
     """Full-resolution, deterministic metrics over whole images (the book scores random crops)."""
     metrics = SegMetrics(num_classes)
-    for i, pred in predict_full_res(net, data.images, device, batch_size, amp_dtype, channels_last):
+    for i, pred in predict_full_res(net, data.images, device, batch_size, speed):
         metrics.update(pred.cpu(), data.labels[i])
     return metrics
 

@@ -3,8 +3,9 @@
 
     python benchmarks/busy_quickstart.py            # both, in a copy of the working tree under a temporary folder
 
-"Busy" is a second process running a 2-thread fp32 matmul loop whose OpenMP threads spin (OMP_WAIT_POLICY=ACTIVE),
-as bench.py's busy section uses. Not a timed test: it prints the seconds and the load; RESULTS.md keeps them.
+"Busy" is a second process running a 2-thread fp32 matmul loop whose OpenMP threads spin (OMP_WAIT_POLICY=ACTIVE):
+benchmarks/competitor.py, the one bench.py's busy section uses. Not a timed test: it prints the seconds and the load;
+RESULTS.md keeps them.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_START = [["origin_train.py", "--demo"], ["my_train.py", "--demo"], ["my_predict.py"]]
-COMPETITOR = "import torch; torch.set_num_threads(2); a = torch.randn(1024, 1024)\nwhile True: a @ a"
 
 
 def copy_tree(dest: Path) -> None:
@@ -34,27 +34,19 @@ def copy_tree(dest: Path) -> None:
 
 def quick_start(busy: bool) -> dict:
     """Seconds of each quick-start command in a fresh copy, optionally with the competitor running."""
+    from benchmarks.competitor import competitor   # imported once the repository root is on the path
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR],
-                                  env=dict(env, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="2")) if busy else None
-    try:
-        if competitor:
-            time.sleep(2)   # the competitor at full speed first
-        with tempfile.TemporaryDirectory() as tmp:
-            copy_tree(Path(tmp))
-            seconds, log = [], []
-            for command in QUICK_START:
-                t = time.perf_counter()
-                r = subprocess.run([sys.executable, *command], cwd=tmp, env=env, capture_output=True, text=True)
-                seconds.append(time.perf_counter() - t)
-                log += [line for line in r.stdout.splitlines() if line.startswith("other programs")]
-                if r.returncode != 0:
-                    raise SystemExit(f"{' '.join(command)} failed: {r.stderr.strip().splitlines()[-1:]}")
+    with competitor(busy), tempfile.TemporaryDirectory() as tmp:
+        copy_tree(Path(tmp))
+        seconds, log = [], []
+        for command in QUICK_START:
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, *command], cwd=tmp, env=env, capture_output=True, text=True)
+            seconds.append(time.perf_counter() - t)
+            log += [line for line in r.stdout.splitlines() if line.startswith("other programs")]
+            if r.returncode != 0:
+                raise SystemExit(f"{' '.join(command)} failed: {r.stderr.strip().splitlines()[-1:]}")
         return {"seconds": seconds, "total": sum(seconds), "thread_lines": log, "load_end": os.getloadavg()}
-    finally:
-        if competitor:
-            competitor.kill()
-            competitor.wait()
 
 
 def main() -> None:
@@ -63,12 +55,13 @@ def main() -> None:
     results = {}
     for name, busy in (("quiet", False), ("busy", True)):
         results[name] = r = quick_start(busy)
-        print(f"{name}: {r['total']:.0f} s (" + ", ".join(f"{' '.join(c)} {s:.0f} s" for c, s in
-                                                   zip(QUICK_START, r["seconds"])) + f"); load {r['load_end']}")
+        timings = ", ".join(f"{' '.join(c)} {s:.0f} s" for c, s in zip(QUICK_START, r["seconds"]))
+        print(f"{name}: {r['total']:.0f} s ({timings}); load {r['load_end']}")
         for line in r["thread_lines"]:
             print(f"  {line}")
     print(f"busy / quiet time: {results['busy']['total'] / results['quiet']['total']:.2f}")
 
 
 if __name__ == "__main__":
+    sys.path[0] = str(ROOT)   # run as a script, Python put benchmarks/ there; the package needs the repository root
     main()

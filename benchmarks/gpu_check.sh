@@ -89,6 +89,8 @@ for name, t in r.get("train_step", {}).items():
     errors = [f"{k}: {v}" for k, v in t.items() if k.endswith("error")]
     print(f"  {name}: " + "; ".join(parts) + f"; fast/plain x{f(t.get('speedup'), '.2f')}"
           + (f", compile/plain x{f(t.get('compile_speedup'), '.2f')}" if "compile_speedup" in t else "")
+          + (f"; fastest {t['fastest_variant']}, fast/fastest x{f(t.get('default_to_fastest'), '.2f')}"
+             if "fastest_variant" in t else "")
           + ("".join("\n    " + e for e in errors)))
 print(f"  eval: {f(r.get('eval', {}).get('img_s'))} img/s ({r.get('eval', {}).get('model')}, full resolution)")
 d = r.get("data", {})

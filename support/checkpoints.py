@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from some_define import UsageError, build_model
+from some_define import VOC_CLASSES, VOC_COLORMAP, UsageError, build_model
 
+from .config import stored_config
 from .files import atomic_write
+from .original import open_pickled_model, original_config, original_network, say_once
 from .speed import keep_transposed_convs_fp32_on_cpu
 
 
@@ -48,21 +50,38 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint file as a dict, opened with weights_only=True (a pickle of anything else is refused)."""
+    """A checkpoint file as a dict, opened with weights_only=True (a pickle of anything else is refused); a file of
+    the original repository (a pickled model or a state_dict) comes back converted to this project's format."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: checkpoint not found; train first or pass --checkpoint PATH")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "Weights only load failed" in str(e):   # a pickle that would run code or build other objects
-            raise UsageError(f"{path}: holds more than tensors and plain values, refused as unsafe to load "
-                             f"(this project's checkpoints load with weights_only=True)")
-        raise UsageError(f"{path}: not a PyTorch checkpoint file (torch.load cannot read it); pass the best.pt or "
-                         f"last.pt that a training run wrote")
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "model" not in checkpoint:
+        if "Weights only load failed" not in str(e):
+            raise UsageError(f"{path}: not a PyTorch checkpoint file (torch.load cannot read it); pass the best.pt "
+                             f"or last.pt that a training run wrote")
+        checkpoint = open_pickled_model(path)   # the original repository's whole models; anything else is refused
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint and "model" in checkpoint:
+        return dict(checkpoint, config=stored_config(checkpoint.get("config", {})))
+    original = original_network(checkpoint, path)
+    if original is None:
         raise UsageError(f"{path}: not a checkpoint of this project (no model name or state_dict)")
-    return checkpoint
+    model, net, read_as = original
+    say_once(path, f"read {path}: {read_as}; no code in the file was run")
+    return make_checkpoint(net, model, VOC_CLASSES, VOC_COLORMAP, plain_config(original_config(model)))
+
+
+def resume_checkpoint_path(resume: str | None, out: Path, finetune_from: str | None) -> Path | None:
+    """--resume alone means OUT/last.pt; --resume PATH names the file."""
+    if not resume:
+        return None
+    path = out / "last.pt" if resume == "auto" else Path(resume)
+    if not path.is_file():
+        raise UsageError(f"--resume: {path} not found; nothing to resume (drop --resume to start afresh)")
+    if finetune_from:
+        raise UsageError("--resume and --finetune-from do not go together")
+    return path
 
 
 def restore_model(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> nn.Module:

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
-from some_define import MODELS, VOID, UsageError
+from some_define import MODELS, STRIDE, UsageError
 
-from .data import CLASS_WEIGHT_POWERS, VOC_TAR, VOC_URL, dataset_classes, read_classes
-from .checkpoints import check_classes_match, load_checkpoint
+from .data import CLASS_WEIGHT_POWERS, VOC_TAR, VOC_URL, dataset_classes
+from .checkpoints import load_checkpoint
+from .config import FIELDS, PREDICT_FIELDS, PredictConfig, TrainConfig, check_train_config, void_rule
+from .distributed import env_rank
 from .speed import try_all_gpus_or_cpu
 from .tiles import AUTO_TILE_PIXELS, DEFAULT_OVERLAP, DEFAULT_TILE, parse_tile
 
@@ -24,34 +27,81 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
-        quiet = int(os.environ.get("RANK", "0")) != 0   # under torchrun, rank 0 says it once
-        self.exit(2, None if quiet else f"error: {message}; see --help\n")
+        self.exit(2, None if env_rank() else f"error: {message}; see --help\n")   # under torchrun, rank 0 says it once
+
+
+DEMO_CHANGES = ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                         for k, v in DEMO_TRAIN_DEFAULTS.items())
+# The flags both kinds of script take, each defined once: (argparse settings, help in training, help in prediction).
+SHARED_FLAGS = {
+    "--voc-dir": (dict(dest="data_dir", metavar="DIR"),
+                  "VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012, or a folder with "
+                  "train.txt/val.txt lists of 'image mask' pairs (SegNet/CamVid layout)",
+                  "dataset folder (default: the one the checkpoint was trained on)"),
+    "--demo": (dict(action="store_true"),
+               f"use the built-in synthetic VOC-layout data (synthetic shapes, not photos; minutes on a CPU); it "
+               f"changes the defaults to {DEMO_CHANGES}", "use the built-in synthetic data"),
+    "--classes": (dict(metavar="FILE"),
+                  "your dataset's classes, one per line: 'name' or 'name R G B' (R G B: integers 0..255; a name may "
+                  "hold spaces, and without a colour it must not end in a number); index = line number; no colours: "
+                  "VOC's palette; default: VOC's 21",
+                  "the class file the checkpoint was trained with (checked against the classes the checkpoint "
+                  "carries)"),
+    "--ignore-index": (dict(type=int, metavar="K"), "label value K is void like 255 (e.g. CamVid's 'unlabelled' 11)",
+                       "label value K is void (default: as in training)"),
+    "--amp": (dict(choices=["auto", "bf16", "fp16", "off"], default="auto"),
+              "mixed precision (auto: bf16 on CUDA GPUs that have it and on CPUs that compute it natively: AMX, "
+              "AVX512-BF16, ARM BF16; off elsewhere)", "mixed precision, as in training (auto: bf16 on CUDA GPUs "
+              "that have it and on CPUs that compute it natively)"),
+    "--device": (dict(), "cuda, cuda:N, mps or cpu (default: the first that exists)",
+                 "cuda, cuda:N, mps or cpu (default: the first that exists)"),
+    "--threads": (dict(type=int, metavar="N"), "CPU threads (default: one per core that other programs leave free, "
+                  "looked at again every 10 s; OMP_NUM_THREADS fixes it too)",
+                  "CPU threads (default: one per core that other programs leave free, looked at again between images "
+                  "and rows of tiles)"),
+    "--debug": (dict(action="store_true"), "show tracebacks", "show tracebacks"),
+}
+
+
+def add_shared(group, flag: str, training: bool) -> None:
+    """One of SHARED_FLAGS, with its help for a training or a predict script."""
+    settings, train_help, predict_help = SHARED_FLAGS[flag]
+    group.add_argument(flag, **settings, help=train_help if training else predict_help)
 
 
 def train_arg_parser(description: str, defaults: dict, choose_model: bool = True) -> argparse.ArgumentParser:
-    """The flags of both training scripts. Defaults are None here and filled in by finish_train_args, so that
-    --demo can shrink only what the user left unset; --help shows the script's ``defaults``."""
+    """The flags of both training scripts. Defaults are None here and filled in by train_config, so that --demo
+    can shrink only what the user left unset; --help shows the script's ``defaults``."""
     p = ArgumentParser(description=description)
-    data = p.add_argument_group("data")
-    data.add_argument("--voc-dir", help="VOC2012 folder, or a folder holding VOC2012 or VOCdevkit/VOC2012, or a "
-                      "folder with train.txt/val.txt lists of 'image mask' pairs (SegNet/CamVid layout)")
-    demo = ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                     for k, v in DEMO_TRAIN_DEFAULTS.items())
-    data.add_argument("--demo", action="store_true", help=f"use the built-in synthetic VOC-layout data (synthetic "
-                      f"shapes, not photos; minutes on a CPU); it changes the defaults to {demo}")
+    add_data_flags(p.add_argument_group("data"))
+    add_model_flags(p.add_argument_group("model and optimizer"), choose_model)
+    add_speed_flags(p.add_argument_group("speed and memory"))
+    run = p.add_argument_group("run")
+    add_shared(run, "--device", True)
+    add_shared(run, "--threads", True)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--val-every", type=int, default=1, metavar="N",
+                     help="validate every N epochs and after the last (validation at full resolution costs time)")
+    run.add_argument("--out", help="folder for history.csv, curves.png, last.pt and best.pt")
+    run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                     help="continue an interrupted run from OUT/last.pt (or CKPT)")
+    add_shared(run, "--debug", True)
+    show_defaults(p, defaults)
+    return p
+
+
+def add_data_flags(data) -> None:
+    add_shared(data, "--voc-dir", True)
+    add_shared(data, "--demo", True)
     data.add_argument("--download", action="store_true",
                       help=f"if the data is not there, fetch {VOC_TAR} (2 GB) into the parent folder of --voc-dir, "
                       f"check its MD5 and extract VOCdevkit/VOC2012 there; an interrupted download resumes")
     data.add_argument("--mirror", metavar="URL", help=f"where --download fetches the tar (default {VOC_URL})")
-    data.add_argument("--classes", metavar="FILE", help="your dataset's classes, one per line: 'name' or "
-                      "'name R G B' (R G B: integers 0..255; a name may hold spaces, and without a colour it must "
-                      "not end in a number); index = line number; no colours: VOC's palette; default: VOC's 21")
-    data.add_argument("--ignore-index", type=int, metavar="K",
-                      help="label value K is void like 255 (e.g. CamVid's 'unlabelled' 11)")
-    data.add_argument("--train-split", default="train", metavar="NAME",
-                      help="ImageSets/Segmentation/NAME.txt, or NAME.txt of a folder of 'image mask' pair lists")
-    data.add_argument("--val-split", default="val", metavar="NAME",
-                      help="ImageSets/Segmentation/NAME.txt, or NAME.txt of a folder of 'image mask' pair lists")
+    add_shared(data, "--classes", True)
+    add_shared(data, "--ignore-index", True)
+    for split in ("train", "val"):
+        data.add_argument(f"--{split}-split", default=split, metavar="NAME",
+                          help="ImageSets/Segmentation/NAME.txt, or NAME.txt of a folder of 'image mask' pair lists")
     data.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop (the book: 320 480)")
     data.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
                       help="scale augmentation: each crop is cut at a random scale in [MIN, MAX] (1 1: the book's "
@@ -68,27 +118,30 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
                       help="leave out unreadable or inconsistent examples with a warning (default: stop)")
     data.add_argument("--workers", type=int, help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "
                       "where crops are cheap and workers would compete with the training threads)")
-    model = p.add_argument_group("model and optimizer")
+
+
+def add_model_flags(model, choose_model: bool) -> None:
     if choose_model:   # origin_train.py trains the book's FCN only
         model.add_argument("--model", choices=list(MODELS))
     model.add_argument("--pretrained", help="imagenet, none, or a path to resnet18-f37072fd.pth")
     model.add_argument("--optimizer", choices=["sgd", "adam"])
     model.add_argument("--lr", type=float)
     model.add_argument("--lr-schedule", choices=["constant", "poly"],
-                       help="constant: the book's; poly: lr x (1 - done/epochs)^0.9 per epoch, as torchvision's "
-                       "segmentation reference")
+                       help="constant: the book's; poly: lr x (1 - done/epochs)^0.9, lowered once per epoch "
+                       "(torchvision's segmentation reference lowers it every iteration)")
     model.add_argument("--wd", type=float, help="weight decay")
     model.add_argument("--loss", choices=["sum", "mean"],
                        help="sum: the book's per-image mean cross-entropy summed over the batch; mean: over pixels")
     model.add_argument("--epochs", type=int)
     model.add_argument("--batch-size", type=int)
     model.add_argument("--finetune-from", metavar="CKPT",
-                       help="start from this checkpoint's weights with a fresh optimizer; the history continues")
-    speed = p.add_argument_group("speed and memory")
+                       help="start from this checkpoint's weights with a fresh optimizer; the history continues "
+                       "(a .pth file of the original repository works too)")
+
+
+def add_speed_flags(speed) -> None:
     auto = ["auto", "on", "off"]
-    speed.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                       help="mixed precision (auto: bf16 on CUDA GPUs that have it and on CPUs that compute it "
-                       "natively: AMX, AVX512-BF16, ARM BF16; off elsewhere)")
+    add_shared(speed, "--amp", True)
     speed.add_argument("--channels-last", choices=auto, default="auto",
                        help="NHWC memory format (auto: on CUDA, and on the CPU with bf16)")
     speed.add_argument("--data-on-device", choices=auto, default="auto",
@@ -98,19 +151,6 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
     speed.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                        help="under torchrun, BatchNorm statistics over the global batch")
-    run = p.add_argument_group("run")
-    run.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first that exists)")
-    run.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: one per core that other "
-                     "programs leave free, looked at again every 10 s; OMP_NUM_THREADS fixes it too)")
-    run.add_argument("--seed", type=int)
-    run.add_argument("--val-every", type=int, default=1, metavar="N",
-                     help="validate every N epochs and after the last (validation at full resolution costs time)")
-    run.add_argument("--out", help="folder for history.csv, curves.png, last.pt and best.pt")
-    run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                     help="continue an interrupted run from OUT/last.pt (or CKPT)")
-    run.add_argument("--debug", action="store_true", help="show tracebacks")
-    show_defaults(p, defaults)
-    return p
 
 
 def show_defaults(parser: argparse.ArgumentParser, defaults: dict) -> None:
@@ -128,94 +168,65 @@ def show_defaults(parser: argparse.ArgumentParser, defaults: dict) -> None:
             action.help = f"{action.help} (default: %(default)s)".strip()
 
 
-DATA_FLAGS = ("voc_dir", "demo", "classes", "ignore_index")   # what a fine-tune or a resume takes from its checkpoint
+DATA_FLAGS = ("data_dir", "demo", "classes", "ignore_index")   # what a fine-tune or a resume takes from its checkpoint
 
 
-def inherit_data_flags(args: argparse.Namespace, out: str) -> None:
+def inherit_data_flags(flags: dict, out: str) -> dict:
     """--finetune-from and --resume train on the checkpoint's dataset, classes and void label unless any of
     --voc-dir, --demo, --classes or --ignore-index is given."""
-    start = args.finetune_from or (args.resume and (Path(out) / "last.pt" if args.resume == "auto" else args.resume))
-    if not start or any(getattr(args, key) is not None and getattr(args, key) is not False for key in DATA_FLAGS) \
+    resume = flags.get("resume")
+    start = flags.get("finetune_from") or (resume and (Path(out) / "last.pt" if resume == "auto" else resume))
+    if not start or any(flags.get(key) is not None and flags.get(key) is not False for key in DATA_FLAGS) \
             or not Path(start).is_file():
-        return   # a missing file is reported where the run opens it
+        return flags   # a missing file is reported where the run opens it
     config = load_checkpoint(start).get("config", {})
-    for key in DATA_FLAGS:
-        setattr(args, key, config.get(key, False if key == "demo" else None))
-    data = "the synthetic demo data" if args.demo else args.voc_dir or "VOC2012"
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: training on the data of {start}: {data}, classes {args.classes or 'VOC'}, ignore index "
-              f"{args.ignore_index} (--voc-dir, --demo, --classes or --ignore-index to choose others)")
+    inherited = {key: config.get(key, False if key == "demo" else None) for key in DATA_FLAGS}
+    data = "the synthetic demo data" if inherited["demo"] else inherited["data_dir"] or "VOC2012"
+    if env_rank() == 0:
+        print(f"note: training on the data of {start}: {data}, classes {inherited['classes'] or 'VOC'}, ignore "
+              f"index {inherited['ignore_index']} (--voc-dir, --demo, --classes or --ignore-index to choose others)")
+    return dict(flags, **inherited)
 
 
-def finish_train_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
-    """Fill unset flags from the checkpoint a run starts from, then from the script's defaults (shrunk by --demo),
-    and check their ranges."""
-    inherit_data_flags(args, args.out or defaults["out"])
-    void_given = args.void
-    chosen = dict(defaults, **(DEMO_TRAIN_DEFAULTS if args.demo else {}))
-    for key, value in chosen.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.workers is None:
-        args.workers = min(4, os.cpu_count() or 1) if try_all_gpus_or_cpu(args.device).type == "cuda" else 0
-    checks = [(args.epochs >= 1, "--epochs must be at least 1"),
-              (args.batch_size >= 1, "--batch-size must be at least 1"),
-              (args.lr > 0, "--lr must be positive"),
-              (args.wd >= 0, "--wd must not be negative"),
-              (0 < args.scale[0] <= args.scale[1], f"--scale {args.scale[0]:g} {args.scale[1]:g}: need "
-               f"0 < MIN <= MAX"),
-              (args.workers >= 0, "--workers must not be negative"),
-              (args.accum_steps >= 1, "--accum-steps must be at least 1"),
-              (args.val_every >= 1, "--val-every must be at least 1"),
-              (args.ignore_index is None or 0 <= args.ignore_index < VOID,
-               f"--ignore-index must be a label value 0..{VOID - 1} ({VOID} is always void)"),
-              (args.mirror is None or args.download, "--mirror goes with --download"),
-              (not (args.download and args.demo), "--download and --demo do not go together"),
-              (all(c > 0 and c % 32 == 0 for c in args.crop),
-               f"--crop {args.crop[0]} {args.crop[1]}: both sides must be positive multiples of 32 "
-               f"(the networks downsample by 32)")]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    args.void = void_rule(args.void, void_given, dataset_classes(args.classes)[0][0])
-    return args
-
-
-def void_rule(void: str, void_given: str | None, first_class: str) -> str:
-    """The book trains void pixels as class 0, which only means something where class 0 is 'background': there a
-    default of 'background' becomes 'ignore' (said once), and an explicit --void background is an error."""
-    if void != "background" or first_class == "background":
-        return void
-    if void_given == "background":
-        raise UsageError(f"--void background trains void pixels as class 0, which is {first_class!r} here, not a "
-                         f"background; use --void ignore")
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: class 0 is {first_class!r}, not 'background', so void pixels are ignored (--void ignore)")
-    return "ignore"
+def train_config(flags: dict, defaults: dict) -> TrainConfig:
+    """The run's configuration: the flags given, then what the checkpoint a run starts from says of its data, then
+    the script's defaults (shrunk by --demo); checked."""
+    given = {key: value for key, value in flags.items() if key in FIELDS and value is not None}
+    given = inherit_data_flags(given, given.get("out") or defaults["out"])
+    values = {**defaults, **(DEMO_TRAIN_DEFAULTS if given.get("demo") else {}), **given}
+    if values.get("workers") is None:
+        values["workers"] = min(4, os.cpu_count() or 1) if try_all_gpus_or_cpu(values["device"]).type == "cuda" else 0
+    first_class = dataset_classes(values.get("classes"))[0][0]
+    values["void"] = void_rule(values["void"], given.get("void"), first_class)
+    config = TrainConfig(**{key: values.get(key) for key in FIELDS})
+    check_train_config(config)
+    return config
 
 
 def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argparse.ArgumentParser:
     p = ArgumentParser(description=description)
     p.add_argument("--checkpoint", default=checkpoint, help="the trained model: best.pt (best val mIoU) or last.pt "
-                   "(the last epoch) of a training run")
-    p.add_argument("--voc-dir", help="dataset folder (default: the one the checkpoint was trained on)")
-    p.add_argument("--demo", action="store_true", help="use the built-in synthetic data")
+                   "(the last epoch) of a training run, or a .pth file of the original repository")
+    add_shared(p, "--voc-dir", False)
+    add_shared(p, "--demo", False)
     p.add_argument("--split", help="split to show or evaluate (default: the checkpoint's validation split)")
-    p.add_argument("--classes", metavar="FILE", help="the class file the checkpoint was trained with (checked "
-                   "against the classes the checkpoint carries)")
-    p.add_argument("--ignore-index", type=int, metavar="K", help="label value K is void (default: as in training)")
+    add_shared(p, "--classes", False)
+    add_shared(p, "--ignore-index", False)
     p.add_argument("--num", type=int, default=4, help="images in the figure")
     p.add_argument("--figure", default=figure, help="where the figure is written")
     p.add_argument("--eval", action="store_true", help="full-resolution metrics over the whole split")
     p.add_argument("--metrics", help="JSON file for --eval (default: metrics_SPLIT.json next to the checkpoint)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first that exists)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads (default: one per core that other programs leave free)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision, as in training (auto: bf16 on CUDA GPUs that have it and on CPUs that "
-                   "compute it natively)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_shared(p, "--device", False)
+    add_shared(p, "--threads", False)
+    add_shared(p, "--amp", False)
+    add_shared(p, "--debug", False)
+    out = p.add_argument_group("models out")
+    out.add_argument("--convert", metavar="OUT.pt", help="write the --checkpoint model (e.g. a .pth file of the "
+                     "original repository) as this project's checkpoint, loadable with weights_only=True, and stop")
+    out.add_argument("--export-onnx", metavar="PATH", help="write the --checkpoint model as ONNX (any batch and image "
+                     "size; classes, colours and normalisation in its metadata), checked with ONNX Runtime on sample "
+                     "images of the checkpoint's split, and stop (pip install -r requirements-onnx.txt)")
     own = p.add_argument_group("your own images")
     own.add_argument("--images", nargs="+", metavar="PATH", help="predict these image files, folders or globs "
                      "(JPEG/PNG, any size) instead of a dataset split")
@@ -224,12 +235,12 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     own.add_argument("--tta", action="store_true", help="with --images or --serve: average the logits with those "
                      "of the mirrored image")
     own.add_argument("--tile", nargs="+", metavar=("auto|off|H", "W"),
-                     help=f"predict in overlapping H x W windows (multiples of 32) whose logits are blended, so any "
-                     f"size fits in bounded memory; off: the whole image at once; default: auto, i.e. "
+                     help=f"predict in overlapping H x W windows (multiples of {STRIDE}) whose logits are blended, so "
+                     f"any size fits in bounded memory; off: the whole image at once; default: auto, i.e. "
                      f"{DEFAULT_TILE[0]} {DEFAULT_TILE[1]} for images above {AUTO_TILE_PIXELS / 2**20:g} Mpixel")
     own.add_argument("--tile-overlap", type=float, metavar="F",
                      help=f"fraction of a window shared with its neighbour, at least: the step between windows is "
-                     f"rounded down to a multiple of 32 (default: {DEFAULT_OVERLAP})")
+                     f"rounded down to a multiple of {STRIDE} (default: {DEFAULT_OVERLAP})")
     web = p.add_argument_group("in your browser")
     web.add_argument("--serve", action="store_true", help="a local web page: drop a photo, see the models' overlays "
                      "side by side")
@@ -243,29 +254,22 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     return p
 
 
-def finish_predict_args(args: argparse.Namespace, checkpoint: dict) -> argparse.Namespace:
-    """Fill --split and --ignore-index from the checkpoint's training run, and refuse a --classes file that
-    disagrees with the classes the checkpoint carries."""
-    config = checkpoint.get("config", {})
-    if args.split is None:
-        args.split = config.get("val_split", "val")
-    if args.ignore_index is None:
-        args.ignore_index = config.get("ignore_index")
-    if args.tta and not (args.images or args.serve):
-        raise UsageError("--tta applies to --images and --serve")
-    if (args.tile or args.tile_overlap is not None) and not (args.images or args.serve):
-        raise UsageError("--tile and --tile-overlap apply to --images and --serve")
-    args.tile_overlap = DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap
-    args.tile = parse_tile(args.tile or ["auto"], args.tile_overlap)
-    if args.images and args.eval:
-        raise UsageError("--images and --eval do not go together (--eval measures a dataset split)")
-    if args.serve and (args.images or args.eval):
-        raise UsageError("--serve goes alone: not with --images or --eval")
-    for ok, message in ((0 <= args.port <= 65535, f"--port {args.port}: must be 0..65535 (0: any free port)"),
-                        (args.max_upload_mb > 0, "--max-upload-mb must be positive"),
-                        (args.max_waiting >= 0, "--max-waiting must not be negative")):
-        if args.serve and not ok:
+def predict_config(flags: dict) -> PredictConfig:
+    """A predict script's configuration from its flags, checked (what depends on the checkpoint is filled later)."""
+    c = PredictConfig(**{key: flags.get(key) for key in PREDICT_FIELDS if key not in ("tile", "tile_overlap")},
+                      tile_overlap=DEFAULT_OVERLAP if flags["tile_overlap"] is None else flags["tile_overlap"],
+                      tile=flags["tile"] or ["auto"])
+    rules = [(not c.tta or c.images or c.serve, "--tta applies to --images and --serve"),
+             (not (flags["tile"] or flags["tile_overlap"] is not None) or c.images or c.serve,
+              "--tile and --tile-overlap apply to --images and --serve"),
+             (not (c.images and c.eval), "--images and --eval do not go together (--eval measures a dataset split)"),
+             (not (c.serve and (c.images or c.eval)), "--serve goes alone: not with --images or --eval"),
+             (not ((c.convert or c.export_onnx) and (c.images or c.eval or c.serve)),
+              "--convert and --export-onnx go alone: not with --images, --eval or --serve"),
+             (not c.serve or 0 <= c.port <= 65535, f"--port {c.port}: must be 0..65535 (0: any free port)"),
+             (not c.serve or c.max_upload_mb > 0, "--max-upload-mb must be positive"),
+             (not c.serve or c.max_waiting >= 0, "--max-waiting must not be negative")]
+    for ok, message in rules:
+        if not ok:
             raise UsageError(message)
-    if args.classes:
-        check_classes_match(*read_classes(args.classes), checkpoint, args.classes)
-    return args
+    return dataclasses.replace(c, tile=parse_tile(c.tile, c.tile_overlap))

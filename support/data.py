@@ -1,4 +1,5 @@
-"""Finding a dataset folder, its class file, and reading a split of it as the training run and prediction use it."""
+"""A dataset folder's layout, its class file, and reading a split of it as the training run and prediction use it
+(support/download.find_data finds the folder)."""
 from __future__ import annotations
 
 import os
@@ -6,13 +7,15 @@ import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from some_define import (VOC_CLASSES, VOC_COLORMAP, VOID, SegDataset, UsageError, read_image, read_label,
-                         voc_colormap2label, voc_split_files)
+from some_define import (VOC_CLASSES, VOC_COLORMAP, VOID, RandomCropBatchSampler, SegDataset, UsageError,
+                         collate_crops, read_image, read_label, voc_colormap2label, voc_split_files)
+
+from .errors import naming_flags
 
 VOC_TAR = "VOCtrainval_11-May-2012.tar"
 VOC_URL = f"http://host.robots.ox.ac.uk/pascal/VOC/voc2012/{VOC_TAR}"
@@ -43,7 +46,7 @@ def is_pair_list_dir(path: Path) -> bool:
     return path.is_dir() and not is_voc_dir(path) and any(path.glob("*.txt"))
 
 
-def find_dataset_dir(path: str | os.PathLike) -> Path:
+def recognise_layout(path: str | os.PathLike) -> Path:
     """A VOC2012 folder (or a folder holding VOC2012 or VOCdevkit/VOC2012; a path named VOC2012 is also looked for
     in ../VOCdevkit/, where --download extracts it), else a folder of pair lists."""
     path = Path(path)
@@ -89,14 +92,6 @@ def pair_list_files(data_dir: Path, split: str) -> list[tuple[str, Path, Path]]:
     if not files:
         raise UsageError(f"{split_file}: the split is empty")
     return files
-
-
-def dataset_dir(voc_dir: str | None, demo: bool) -> Path:
-    """The demo data (generated on first use) or the dataset folder at ``voc_dir``."""
-    if demo:
-        from .demo import make_demo_voc
-        return make_demo_voc()
-    return find_dataset_dir(voc_dir or "VOC2012")
 
 
 CLASS_LINE_RULE = ("a line is 'name' or 'name R G B' (R G B: integers 0..255); a name may hold spaces "
@@ -193,8 +188,10 @@ def read_split(data_dir: str | os.PathLike, split: str, colormap: Sequence[Seque
     """A split of a dataset folder (VOC layout or pair lists), its labels read as indices of ``colormap``'s
     classes."""
     data_dir = Path(data_dir)
-    files = voc_split_files(data_dir, split) if is_voc_dir(data_dir) else pair_list_files(data_dir, split)
-    examples = read_examples(files, colormap, ignore_index, skip_bad, source=f"the {split} split")
+    with naming_flags("check --voc-dir or the split name"):
+        files = voc_split_files(data_dir, split) if is_voc_dir(data_dir) else pair_list_files(data_dir, split)
+    with naming_flags("check the file, the class list (--classes) or --ignore-index"):
+        examples = read_examples(files, colormap, ignore_index, skip_bad, source=f"the {split} split")
     return SegDataset(*examples, crop_size=crop_size)
 
 
@@ -227,3 +224,22 @@ def median_frequency_weights(labels: Sequence[torch.Tensor], num_classes: int, p
     weights = torch.zeros(num_classes, dtype=torch.float64)
     weights[present] = (float(np.median(freq.numpy())) / freq) ** power
     return weights.tolist()
+
+
+def crop_batches_on_device(dataset: SegDataset, sampler: RandomCropBatchSampler
+                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The data path when the split lives in GPU memory: slice crops there, no worker processes, no copies."""
+    for batch in sampler:
+        yield collate_crops([dataset[key] for key in batch])
+
+
+def training_batches(train_set: SegDataset, sampler: RandomCropBatchSampler, device: torch.device,
+                     data_on_device: bool, workers: int) -> Callable[[], Iterator]:
+    """A function that starts one epoch's batches: crops sliced on the GPU, or a DataLoader."""
+    if data_on_device:
+        device_set = to_device(train_set, device)
+        return lambda: crop_batches_on_device(device_set, sampler)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_crops,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0)
+    return lambda: iter(loader)

@@ -9,13 +9,22 @@ from torch import nn
 from .speed import try_all_gpus_or_cpu
 
 
+def env_rank() -> int:
+    """This process's rank under torchrun (0 in a single process): only rank 0 prints."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    """The number of processes torchrun started (1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class DistributedContext:
     """Rank, world size and device of this process: under torchrun, one process per GPU (or per CPU rank with gloo),
     else a single process. Only rank 0 prints and writes files."""
 
     def __init__(self, device_name: str | None):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size, self.rank = env_world_size(), env_rank()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = try_all_gpus_or_cpu(device_name)
         if self.world_size > 1:

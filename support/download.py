@@ -1,4 +1,5 @@
-"""--download: fetch PASCAL VOC 2012 (resumable, MD5-checked) and extract it atomically."""
+"""Where a run's data is: find_data, the one function that finds a dataset folder (the demo data, a folder in any
+layout, or PASCAL VOC 2012 fetched with --download: resumable, MD5-checked, extracted atomically)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,9 @@ from pathlib import Path
 
 from some_define import UsageError
 
-from .data import VOC_TAR, VOC_URL, dataset_dir, find_dataset_dir, is_voc_dir
+from .data import VOC_TAR, VOC_URL, is_voc_dir, recognise_layout
+from .demo import make_demo_voc
+from .distributed import env_world_size
 
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 
@@ -109,20 +112,20 @@ def download_voc(root: str | os.PathLike, url: str = VOC_URL, md5: str | None = 
     return extract_voc_tar(tar_path, root)
 
 
-def voc_dir_or_download(voc_dir: str | None, mirror: str | None) -> Path:
-    """The VOC folder at ``voc_dir``, fetched first into its parent folder if it is not there yet."""
-    voc_dir = Path(voc_dir or "VOC2012")
-    fetched = voc_dir.parent / "VOCdevkit" / "VOC2012"
+def find_data(data_dir: str | None, demo: bool = False, download: bool = False, mirror: str | None = None) -> Path:
+    """The dataset folder: the demo data (generated on first use), the folder at ``data_dir`` (default ./VOC2012)
+    in either layout, or with ``download`` VOC fetched first into its parent folder if it is not there yet."""
+    if demo:
+        return make_demo_voc()
+    path = Path(data_dir or "VOC2012")
     try:
-        return find_dataset_dir(voc_dir)
+        return recognise_layout(path)
     except UsageError:
+        fetched = path.parent / "VOCdevkit" / "VOC2012"
+        if not download:
+            raise
         if is_voc_dir(fetched):
             return fetched
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # every process would write the same file
+    if env_world_size() > 1:   # every process would write the same file
         raise UsageError("--download under torchrun: fetch the data first with one process (python ... --download)")
-    return download_voc(voc_dir.parent, mirror or VOC_URL)
-
-
-def training_data_dir(voc_dir: str | None, demo: bool, download: bool, mirror: str | None) -> Path:
-    """The data a training run reads: the demo data, or the VOC-layout folder (fetched first with --download)."""
-    return voc_dir_or_download(voc_dir, mirror) if download else dataset_dir(voc_dir, demo)
+    return download_voc(path.parent, mirror or VOC_URL)

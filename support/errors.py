@@ -1,11 +1,13 @@
 """How a script ends: a problem the user can fix as one line and exit 2, Ctrl-C as a clean stop and exit 130."""
 from __future__ import annotations
 
-import os
 import sys
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from some_define import UsageError
+
+from .distributed import env_rank
 
 
 class Interrupted(Exception):
@@ -39,11 +41,20 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
+@contextmanager
+def naming_flags(advice: str) -> Iterator[None]:
+    """The book's file speaks of data and files; around its calls, support/ adds the flags that choose them."""
+    try:
+        yield
+    except UsageError as e:
+        raise UsageError(f"{e}; {advice}") from None
+
+
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run a script's main(); a UsageError becomes one line on stderr and exit 2 (``--debug`` shows the traceback),
     Ctrl-C one line and exit 130. Under torchrun only rank 0 prints it (torchrun names any other failing rank)."""
     argv = sys.argv[1:] if argv is None else argv
-    quiet = int(os.environ.get("RANK", "0")) != 0
+    quiet = env_rank() != 0
     try:
         main(argv)
     except Interrupted as e:

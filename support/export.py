@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from some_define import VOID, UsageError, colormap_lut, label2image, read_image
+from some_define import VOID, Speed, UsageError, colormap_lut, label2image, read_image
 
 from .files import atomic_write, check_writable_dir
 from .tiles import DEFAULT_OVERLAP, Tile, predict_any_size
@@ -55,7 +55,7 @@ def check_prediction_paths(images: Sequence[Path], save_dir: Path) -> None:
                              f"another --save-dir")
 
 
-def label_image(pred: torch.Tensor, colormap: Sequence[Sequence[int]]) -> Image.Image:
+def palette_image(pred: torch.Tensor, colormap: Sequence[Sequence[int]]) -> Image.Image:
     """Class indices (H x W) as a palette image: viewers show the class colours, PIL (np.array) reads the indices."""
     im = Image.fromarray(pred.to(torch.uint8).cpu().numpy())
     im.putpalette(colormap_lut(colormap).flatten().tolist())   # an 'L' image with a palette becomes 'P'
@@ -63,7 +63,7 @@ def label_image(pred: torch.Tensor, colormap: Sequence[Sequence[int]]) -> Image.
 
 
 def save_label_png(pred: torch.Tensor, colormap: Sequence[Sequence[int]], path: str | os.PathLike) -> None:
-    im = label_image(pred, colormap)
+    im = palette_image(pred, colormap)
     atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
 
 
@@ -103,9 +103,9 @@ def overlay_with_legend(image: torch.Tensor, pred: torch.Tensor, colormap: Seque
     return canvas
 
 
-def predict_images(net: nn.Module, checkpoint: dict, patterns: Sequence[str], save_dir: str | os.PathLike,
+def predict_files(net: nn.Module, checkpoint: dict, patterns: Sequence[str], save_dir: str | os.PathLike,
                    device: torch.device, tta: bool = False, tile: Tile = "auto", overlap: float = DEFAULT_OVERLAP,
-                   **flags) -> None:
+                   speed: Speed = Speed()) -> None:
     """For every image file, SAVE_DIR/NAME.png and SAVE_DIR/NAME_overlay.jpg at the input's full size, one image at
     a time, a large one in tiles (``tile``, ``overlap``: see support/tiles.py). An unreadable file is reported on
     one line and skipped; the exit code is 2 at the end."""
@@ -123,7 +123,7 @@ def predict_images(net: nn.Module, checkpoint: dict, patterns: Sequence[str], sa
             tqdm.write(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        pred = predict_any_size(image, net, device, tile, overlap, tta=tta, **flags)
+        pred = predict_any_size(image, net, device, tile, overlap, speed, tta)
         label_path, overlay_path = prediction_paths(path, save_dir)
         save_label_png(pred, colormap, label_path)
         overlay = overlay_with_legend(image, pred, colormap, class_names)

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from some_define import (VOID, VOID_COLOR, SegDataset, SegMetrics, label2image, plt_module, predict_full_res,
+from some_define import (Speed, VOID, VOID_COLOR, SegDataset, SegMetrics, label2image, plt_module, predict_full_res,
                          show_images)
 
 
@@ -41,7 +41,7 @@ def image_title(pred: torch.Tensor, label: torch.Tensor, class_names: Sequence[s
 
 def prediction_figure(models: Sequence[tuple[str, nn.Module]], data: SegDataset, colormap: Sequence[Sequence[int]],
                       class_names: Sequence[str], device: torch.device, batch_size: int = 8, title: str = "",
-                      **flags):
+                      speed: Speed = Speed()):
     """Rows: image, ground truth, then one row per model, each panel titled with that image's mIoU; a colour key
     of the classes shown."""
     images, labels = data.images, data.labels
@@ -49,7 +49,7 @@ def prediction_figure(models: Sequence[tuple[str, nn.Module]], data: SegDataset,
     titles = [list(data.names), []]
     shown = list(labels)
     for _, net in models:
-        preds = dict(predict_full_res(net, images, device, batch_size, **flags))
+        preds = dict(predict_full_res(net, images, device, batch_size, speed))
         rows.append([label2image(preds[i], colormap) for i in range(len(images))])
         titles.append([image_title(preds[i], labels[i], class_names) for i in range(len(images))])
         shown += [preds[i].cpu() for i in range(len(images))]

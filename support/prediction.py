@@ -1,7 +1,7 @@
-"""The prediction flow of both predict scripts: a figure of a split, --eval metrics, or --images of your own."""
+"""The prediction flow of both predict scripts: a figure of a split, --eval metrics, --images of your own, the page,
+or the model written out (--convert, --export-onnx)."""
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Sequence
@@ -9,16 +9,19 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from some_define import SegDataset, UsageError, evaluate
+from some_define import SegDataset, Speed, UsageError, evaluate
 
-from .checkpoints import load_checkpoint, restore_model
-from .cli import finish_predict_args
-from .data import dataset_dir, first_examples, read_split
-from .export import predict_images
+from .checkpoints import check_classes_match, load_checkpoint, restore_model, save_checkpoint
+from .config import PredictConfig
+from .data import first_examples, read_classes, read_split
+from .demo import DEMO_DIR
+from .download import find_data
+from .export import predict_files
 from .figures import prediction_figure
 from .files import save_figure, write_json
-from .demo import DEMO_DIR
-from .speed import inference_flags, set_threads, threads_for_load, try_all_gpus_or_cpu
+from .speed import inference_speed, set_threads, threads_for_load, try_all_gpus_or_cpu
+
+Model = tuple[str, nn.Module, dict, Path]   # (row label, network, checkpoint, its file)
 
 
 def open_model(path: str | os.PathLike, device: torch.device) -> tuple[nn.Module, dict]:
@@ -27,19 +30,20 @@ def open_model(path: str | os.PathLike, device: torch.device) -> tuple[nn.Module
     return restore_model(checkpoint, path).to(device).eval(), checkpoint
 
 
-def checkpoint_dataset_dir(voc_dir: str | None, demo: bool, checkpoint: dict) -> Path:
-    """--voc-dir/--demo when given, else the data the checkpoint was trained on."""
-    if voc_dir or demo:
-        return dataset_dir(voc_dir, demo)
-    config = checkpoint.get("config", {})
-    return dataset_dir(config.get("voc_dir"), bool(config.get("demo")))
+def checkpoint_data(config: PredictConfig, checkpoint: dict) -> tuple[Path, str, int | None]:
+    """The dataset folder, split and void label to read: the flags' where given, else the checkpoint's training's."""
+    trained = checkpoint.get("config", {})
+    folder = find_data(config.data_dir, config.demo) if config.data_dir or config.demo else \
+        find_data(trained.get("data_dir"), bool(trained.get("demo")))
+    ignore_index = trained.get("ignore_index") if config.ignore_index is None else config.ignore_index
+    return folder, config.split or trained.get("val_split", "val"), ignore_index
 
 
 def split_metrics(net: nn.Module, checkpoint: dict, data: SegDataset, device: torch.device, batch_size: int,
-                  **flags) -> dict:
+                  speed: Speed = Speed()) -> dict:
     """The metrics JSON of --eval and the study: num_images, pixel_acc, mean_class_acc, miou, per_class_iou,
     d2l_pixel_acc, confusion_matrix."""
-    metrics = evaluate(net, data, device, checkpoint["num_classes"], batch_size, **flags)
+    metrics = evaluate(net, data, device, checkpoint["num_classes"], batch_size, speed)
     return {"num_images": len(data), **metrics.compute(checkpoint["class_names"])}
 
 
@@ -68,67 +72,107 @@ def describe(checkpoint: dict, path: Path) -> str:
     return f"{NETWORK_NAMES[checkpoint['model']]} from {path}{epoch}"
 
 
-def run_prediction(args: argparse.Namespace, network: str, strict: bool, compare: str | None = None,
-                   compare_figure: str | None = None) -> None:
-    """Show, measure or export the ``network`` of --checkpoint (another network: an error if ``strict``, else a
-    warning); with ``compare`` (an FCN checkpoint), side by side."""
-    device = try_all_gpus_or_cpu(args.device)
-    set_threads(args.threads)
-    threads_for_load(args.threads, device)
-    path = Path(args.checkpoint)
+def run_prediction(config: PredictConfig, network: str, strict: bool) -> None:
+    """Show, measure or write out the ``network`` of --checkpoint (another network: an error if ``strict``, else a
+    warning); with config.compare (an FCN checkpoint), side by side."""
+    device = try_all_gpus_or_cpu(config.device)
+    set_threads(config.threads)
+    threads_for_load(config.threads, device)
+    path = Path(config.checkpoint)
     net, checkpoint = open_model(path, device)
+    check_network(checkpoint, network, strict, path)
+    if config.classes:
+        check_classes_match(*read_classes(config.classes), checkpoint, config.classes)
+    if config.convert or config.export_onnx:
+        return write_model(config, net, checkpoint, path)
+    speed = inference_speed(config.amp, device)
+    print(f"using {describe(checkpoint, path)}")
+    if config.images:
+        warn_if_demo_model(checkpoint, config.images)
+        return predict_files(net, checkpoint, config.images, config.save_dir, device, config.tta, config.tile,
+                             config.tile_overlap, speed)
+    models = models_to_show(net, checkpoint, path, config.compare, device)
+    if config.serve:
+        from .serve import serve   # Flask is loaded only to serve
+        return serve(models, device, config.host, config.port, tile=config.tile, overlap=config.tile_overlap,
+                     max_upload_mb=config.max_upload_mb, max_waiting=config.max_waiting, speed=speed,
+                     tta=config.tta)
+    folder, split, ignore_index = checkpoint_data(config, checkpoint)
+    data = read_split(folder, split, checkpoint["colormap"], ignore_index)
+    if config.eval:
+        return evaluate_models(models, data, split, config, device, speed)
+    draw_figures(models, data, config, device, speed)
+
+
+def check_network(checkpoint: dict, network: str, strict: bool, path: Path) -> None:
+    """The script's network, or (``strict``) an error naming the script for the other one, else a warning."""
     if checkpoint["model"] != network:
         message = f"{path} holds {A_NETWORK[checkpoint['model']]}, not the {NETWORK_NAMES[network]} this script shows"
         if strict:
             raise UsageError(f"{message}; use my_predict.py --checkpoint {path}")
         print(f"warning: {message}")
-    args = finish_predict_args(args, checkpoint)
-    flags = inference_flags(args.amp, device)
-    print(f"using {describe(checkpoint, path)}")
-    if args.images:
-        warn_if_demo_model(checkpoint, args.images)
-        return predict_images(net, checkpoint, args.images, args.save_dir, device, args.tta, args.tile,
-                              args.tile_overlap, **flags)
+
+
+def write_model(config: PredictConfig, net: nn.Module, checkpoint: dict, path: Path) -> None:
+    """--convert: this project's checkpoint file; --export-onnx: an ONNX file, checked with ONNX Runtime."""
+    if config.convert:
+        save_checkpoint(config.convert, checkpoint)
+        return print(f"wrote {config.convert}: {describe(checkpoint, path)}, as this project's checkpoint (it loads "
+                     f"with torch.load(..., weights_only=True))")
+    from .onnx_export import export_onnx, sample_images   # onnx and onnxruntime are optional: only to export
+    samples = sample_images(lambda: checkpoint_data(config, checkpoint)[:2])
+    export_onnx(net, checkpoint, config.export_onnx, samples)
+
+
+def models_to_show(net: nn.Module, checkpoint: dict, path: Path, compare: str | None,
+                   device: torch.device) -> list[Model]:
+    """The model, and before it the ``compare`` checkpoint's when that exists and predicts the same classes."""
     models = [(NETWORK_NAMES[checkpoint["model"]], net, checkpoint, path)]
-    if compare and Path(compare).is_file():
-        other, other_checkpoint = open_model(compare, device)
-        if other_checkpoint["class_names"] != checkpoint["class_names"]:
-            print(f"note: {compare} predicts other classes, so no comparison (pass --compare PATH)")
-        else:
-            print(f"compared with {describe(other_checkpoint, Path(compare))}")
-            models.insert(0, (NETWORK_NAMES[other_checkpoint["model"]], other, other_checkpoint, Path(compare)))
-            if models[0][0] == models[1][0]:   # the same network twice: tell the rows apart by their files
-                print(f"warning: both checkpoints hold {A_NETWORK[checkpoint['model']]}")
-                models = [(f"{label} ({p.parent.name}/{p.name})", *rest, p) for label, *rest, p in models]
-    elif compare:
+    if compare and not Path(compare).is_file():
         print(f"note: no {compare}, so no comparison (train it with origin_train.py or pass --compare PATH)")
-    if args.serve:
-        from .serve import serve   # Flask is loaded only to serve
-        return serve(models, device, args.host, args.port, tile=args.tile, overlap=args.tile_overlap,
-                     max_upload_mb=args.max_upload_mb, max_waiting=args.max_waiting, tta=args.tta, **flags)
-    data = read_split(checkpoint_dataset_dir(args.voc_dir, args.demo, checkpoint), args.split,
-                      checkpoint["colormap"], args.ignore_index)
-    if args.eval:
-        columns = {}
-        for label, model, model_checkpoint, model_path in models:
-            metrics = split_metrics(model, model_checkpoint, data, device, args.batch_size, **flags)
-            out = (args.metrics if model is net else None) or model_path.with_name(f"metrics_{args.split}.json")
-            write_json(metrics, out)
-            print(f"{label} ({model_path}): wrote {out}")
-            columns[label] = metrics
-        print(metrics_table(columns, checkpoint["class_names"]))
-        print(f"{len(data)} images of the {args.split} split")
-        return
-    shown = first_examples(data, args.num)
+    if not (compare and Path(compare).is_file()):
+        return models
+    other, other_checkpoint = open_model(compare, device)
+    if other_checkpoint["class_names"] != checkpoint["class_names"]:
+        print(f"note: {compare} predicts other classes, so no comparison (pass --compare PATH)")
+        return models
+    print(f"compared with {describe(other_checkpoint, Path(compare))}")
+    models.insert(0, (NETWORK_NAMES[other_checkpoint["model"]], other, other_checkpoint, Path(compare)))
+    if models[0][0] == models[1][0]:   # the same network twice: tell the rows apart by their files
+        print(f"warning: both checkpoints hold {A_NETWORK[checkpoint['model']]}")
+        models = [(f"{label} ({p.parent.name}/{p.name})", *rest, p) for label, *rest, p in models]
+    return models
+
+
+def evaluate_models(models: list[Model], data: SegDataset, split: str, config: PredictConfig,
+                    device: torch.device, speed: Speed) -> None:
+    """--eval: each model's metrics JSON (metrics_SPLIT.json beside its checkpoint, or --metrics) and one table."""
+    columns = {}
+    for label, model, model_checkpoint, model_path in models:
+        metrics = split_metrics(model, model_checkpoint, data, device, config.batch_size, speed)
+        own = model_path == Path(config.checkpoint)
+        out = (config.metrics if own else None) or model_path.with_name(f"metrics_{split}.json")
+        write_json(metrics, out)
+        print(f"{label} ({model_path}): wrote {out}")
+        columns[label] = metrics
+    print(metrics_table(columns, models[-1][2]["class_names"]))
+    print(f"{len(data)} images of the {split} split")
+
+
+def draw_figures(models: list[Model], data: SegDataset, config: PredictConfig, device: torch.device,
+                 speed: Speed) -> None:
+    """The figure of the model (--figure), and with a second model the comparison (--compare-figure)."""
+    checkpoint = models[-1][2]
+    shown = first_examples(data, config.num)
     title = "synthetic demo data (shapes, not photos)" if checkpoint["config"].get("demo") else ""
     draw = lambda chosen: prediction_figure([(label, model) for label, model, *_ in chosen], shown,
                                             checkpoint["colormap"], checkpoint["class_names"], device,
-                                            args.batch_size, title=title, **flags)
-    save_figure(draw(models[-1:]), args.figure)
-    print(f"wrote {args.figure}")
+                                            config.batch_size, title=title, speed=speed)
+    save_figure(draw(models[-1:]), config.figure)
+    print(f"wrote {config.figure}")
     if len(models) == 2:
-        save_figure(draw(models), compare_figure)
-        print(f"wrote {compare_figure}")
+        save_figure(draw(models), config.compare_figure)
+        print(f"wrote {config.compare_figure}")
 
 
 def warn_if_demo_model(checkpoint: dict, images: Sequence[str]) -> None:

@@ -21,14 +21,16 @@ from torch import nn
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server, select_address_family
 
-from some_define import UsageError, read_image
+from some_define import Speed, UsageError, read_image
 
-from .export import label_image
+from .export import palette_image
 from .tiles import DEFAULT_OVERLAP, Tile, chosen_tile, predict_any_size
 
 # Decoded, a pixel costs about 20 bytes here (the image, its classes, the PNGs): 64 Mpixel is about 1.3 GB.
 MAX_PIXELS = 64_000_000
 # The page only talks to this server: no external script, style, font or image can load (it works offline).
+# The page itself, with __PLACEHOLDERS__ that create_app fills in: one self-contained file, no outside assets.
+PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                            "img-src data:; connect-src 'self'")
 Model = tuple[str, nn.Module, dict, Path]   # label, network, checkpoint, its path
@@ -123,20 +125,20 @@ def model_result(label: str, path: Path, checkpoint: dict, pred: torch.Tensor, s
     """One model's answer: its classes, its palette PNG (the --images NAME.png, to download) and the same with
     the background transparent, to lay over the photo."""
     class_names, colormap = checkpoint["class_names"], checkpoint["colormap"]
-    labels = label_image(pred, colormap)
+    labels = palette_image(pred, colormap)
     alpha = bytes([0 if class_names[0] == "background" else 255] + [255] * 255)
     return {"label": label, "checkpoint": str(path), "seconds": round(seconds, 3),
             "classes": class_shares(pred, class_names, colormap),
             "png": data_url(labels, "PNG"), "layer": data_url(labels, "PNG", transparency=alpha)}
 
 
-def predict_all(image: torch.Tensor, models: Sequence[Model], device: torch.device, tile: Tile, overlap: float,
-                **flags) -> dict:
+def predict_request(image: torch.Tensor, models: Sequence[Model], device: torch.device, tile: Tile, overlap: float,
+                    speed: Speed = Speed(), tta: bool = False) -> dict:
     """Every model's prediction of one image, each timed, through the tiled path (any size fits)."""
     results = []
     for label, net, checkpoint, path in models:
         start = time.perf_counter()
-        pred = predict_any_size(image, net, device, tile, overlap, **flags)
+        pred = predict_any_size(image, net, device, tile, overlap, speed, tta)
         results.append(model_result(label, path, checkpoint, pred, time.perf_counter() - start))
     height, width = image.shape[1:]
     return {"width": width, "height": height, "tile": chosen_tile((height, width), tile), "models": results,
@@ -148,7 +150,7 @@ def trained_on(checkpoint: dict) -> str:
     config = checkpoint.get("config", {})
     if config.get("demo"):
         return "the synthetic demo data (coloured shapes, not photos)"
-    return config.get("voc_dir") or "VOC2012"   # training's default folder
+    return config.get("data_dir") or "VOC2012"   # training's default folder
 
 
 def class_key_html(checkpoint: dict) -> str:
@@ -184,7 +186,7 @@ def demo_note_html(models: Sequence[Model]) -> str:
 
 
 def create_app(models: Sequence[Model], device: torch.device, tile: Tile = "auto", overlap: float = DEFAULT_OVERLAP,
-               max_upload_mb: float = 25, max_waiting: int = 4, **flags) -> Flask:
+               max_upload_mb: float = 25, max_waiting: int = 4, speed: Speed = Speed(), tta: bool = False) -> Flask:
     """The web app: GET / is the page, POST /predict takes the photo (raw body or multipart field 'file') and
     answers JSON; every error is JSON with an 'error' line and a 4xx/5xx status, never a traceback."""
     app = Flask(__name__)
@@ -201,11 +203,11 @@ def create_app(models: Sequence[Model], device: torch.device, tile: Tile = "auto
         return Response(page, mimetype="text/html", headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
 
     @app.post("/predict")
-    def predict() -> Response:
+    def post_predict() -> Response:
         with queue.place():
             data = uploaded_bytes(request)
             with queue.model:
-                return jsonify(predict_all(decode_image(data), models, device, tile, overlap, **flags))
+                return jsonify(predict_request(decode_image(data), models, device, tile, overlap, speed, tta))
 
     @app.errorhandler(RequestError)
     def refused(e: RequestError):
@@ -242,105 +244,3 @@ def serve(models: Sequence[Model], device: torch.device, host: str, port: int, *
     print(f"serving {names} on http://{shown}:{server.port}/ (open it in a browser; Ctrl-C stops)", flush=True)
     server.serve_forever()   # returns on Ctrl-C, the socket closed
     print("stopped")
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>__TITLE__ on your photo</title>
-<style>
-body { font: 15px/1.4 system-ui, sans-serif; margin: 1em 1.5em; color: #222; }
-h1 { font-size: 1.3em; margin: 0 0 .6em; } .model h2 { font-size: 1.1em; margin: .2em 0; }
-#drop { border: 2px dashed #999; border-radius: 8px; padding: .8em; text-align: center; } #drop p { margin: .3em; }
-#drop.over { background: #e8eefc; border-color: #36c; } .hint, .path { color: #666; font-size: .9em; }
-#status { min-height: 1.4em; margin: .6em 0; } #status.error { color: #b00; font-weight: bold; }
-#results { display: flex; flex-wrap: wrap; gap: 1.5em; } .model { flex: 1 1 340px; max-width: 760px; }
-.stack { position: relative; } .stack img { display: block; width: 100%; }
-.stack .layer { position: absolute; left: 0; top: 0; height: 100%; image-rendering: pixelated; }
-.legend { list-style: none; padding: 0; margin: .5em 0; } .legend li { display: flex; align-items: center; gap: .5em; }
-.swatch { width: 1em; height: 1em; border: 1px solid #444; flex: none; }
-#note { background: #fff4d6; border: 1px solid #d9a400; border-radius: 5px; padding: .4em .7em; }
-#about { margin: .6em 0; } #about summary { cursor: pointer; font-weight: bold; }
-#models { display: flex; flex-wrap: wrap; gap: 0 2em; } #models p { margin: .2em 0; }
-.key { columns: 12em; } #about h2 { font-size: 1.1em; margin: .6em 0 .2em; }
-code { background: #f2f2f2; padding: 0 .25em; }
-.legend b { margin-left: auto; font-variant-numeric: tabular-nums; }
-a.button { padding: .3em .8em; border: 1px solid #36c; border-radius: 5px; color: #36c; text-decoration: none; }
-</style></head><body>
-<h1>__TITLE__ on your photo</h1>
-__NOTE__<div id="drop"><p>Drop a photo here, or choose one: <input type="file" id="file" accept="image/*"></p>
-<p class="hint">Up to __MAX_MB__ MB, any size (large photos are predicted in tiles). Nothing is kept.</p></div>
-<p><label>overlay opacity <input type="range" id="opacity" min="0" max="1" step="0.05" value="0.6"></label></p>
-<details id="about" open><summary>the models and their classes</summary>__ABOUT__</details>
-<div id="status"></div><div id="results" data-state="empty"></div>
-<p class="hint">From a script: <code id="api">curl -F file=@photo.jpg http://HOST:PORT/predict</code> answers JSON
-(the API: docs/serve.md).</p>
-<script>
-const MAX_BYTES = __MAX_BYTES__, $ = id => document.getElementById(id);
-const element = (tag, props = {}, ...children) => {
-  const node = Object.assign(document.createElement(tag), props);
-  node.append(...children);
-  return node;
-};
-function say(text, error = false) { $('status').textContent = text; $('status').className = error ? 'error' : ''; }
-function fade() { for (const img of document.querySelectorAll('.layer')) img.style.opacity = $('opacity').value; }
-async function send(file) {
-  if (!file) return;
-  const results = $('results');
-  results.replaceChildren();
-  results.dataset.state = 'busy';
-  $('about').open = false;   // the results take its place; a click opens it again
-  if (file.size > MAX_BYTES) {
-    results.dataset.state = 'error';
-    return say(`${file.name} is ${(file.size / 2 ** 20).toFixed(1)} MB, over the limit of __MAX_MB__ MB`, true);
-  }
-  say(`predicting ${file.name} …`);
-  let reply, answer;
-  try {
-    const form = new FormData();
-    form.append('file', file);   // multipart, as a form or curl -F sends it
-    reply = await fetch('predict', {method: 'POST', body: form});
-    answer = await reply.json();
-  } catch (e) {
-    results.dataset.state = 'error';
-    return say(`no answer from the server (${e.message})`, true);
-  }
-  if (!reply.ok) { results.dataset.state = 'error'; return say(answer.error || `error ${reply.status}`, true); }
-  show(answer, file.name);
-}
-function show(answer, name) {
-  const stem = name.replace(/\\.[^.]*$/, '') || 'photo';
-  const how = answer.tile ? `in ${answer.tile[0]} × ${answer.tile[1]} tiles` : 'as a whole';
-  say(`${name}: ${answer.width} × ${answer.height} pixels, predicted ${how}`);
-  const loads = [];
-  for (const m of answer.models) {
-    const photo = element('img', {src: answer.image, alt: name});
-    const layer = element('img', {src: m.layer, className: 'layer', alt: `${m.label} classes`});
-    loads.push(...[photo, layer].map(img => img.decode()));
-    const legend = element('ul', {className: 'legend'}, ...m.classes.map(c => element('li', {},
-      element('span', {className: 'swatch', style: `background: rgb(${c.color.join(',')})`}),
-      c.name, element('b', {}, `${(100 * c.share).toFixed(1)} %`))));
-    const download = element('a', {className: 'button', href: m.png,
-      download: `${stem}_${m.label.toLowerCase().replace(/[^a-z0-9]+/g, '')}.png`}, 'download the palette PNG');
-    $('results').append(element('div', {className: 'model'},
-      element('h2', {}, `${m.label}: ${m.seconds.toFixed(2)} s`), element('div', {className: 'path'}, m.checkpoint),
-      element('div', {className: 'stack'}, photo, layer), legend, download));
-  }
-  fade();
-  Promise.all(loads).then(() => { $('results').dataset.state = 'done'; }, () => {
-    $('results').dataset.state = 'error';
-    say('the browser could not show the result', true);
-  });
-}
-$('api').textContent = `curl -F file=@photo.jpg ${new URL('predict', location.href)}`;
-$('file').addEventListener('change', e => send(e.target.files[0]));
-$('opacity').addEventListener('input', fade);
-const drop = $('drop');
-drop.addEventListener('dragover', e => { e.preventDefault(); drop.classList.add('over'); });
-drop.addEventListener('dragleave', () => drop.classList.remove('over'));
-drop.addEventListener('drop', e => {
-  e.preventDefault();
-  drop.classList.remove('over');
-  send(e.dataTransfer.files[0]);
-});
-</script></body></html>
-"""

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from some_define import UsageError
+from some_define import Speed, UsageError
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, for the "fraction of peak" in the log.
 BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165,
@@ -153,23 +153,22 @@ def data_fits_on_device(nbytes: int, device: torch.device) -> bool:
     return device.type == "cuda" and nbytes < 0.2 * torch.cuda.get_device_properties(device).total_memory
 
 
-def resolve_speed_flags(amp: str, channels_last: str, data_on_device: str, device: torch.device,
-                        nbytes: int) -> dict:
-    """Turn the auto flags into choices for this device: amp_dtype, channels_last, data_on_device."""
+def resolve_speed(amp: str, channels_last: str, data_on_device: str, device: torch.device,
+                  nbytes: int) -> tuple[Speed, bool]:
+    """The auto flags of training as choices for this device: its Speed, and whether the data lives on the device."""
     auto = lambda flag, default: default if flag == "auto" else flag == "on"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed crop sizes: let cuDNN pick its fastest kernels once
     amp_dtype = resolve_amp(amp, device)
-    return {"amp_dtype": amp_dtype,
-            "channels_last": auto(channels_last, prefers_channels_last(device, amp_dtype)),
-            "data_on_device": auto(data_on_device, data_fits_on_device(nbytes, device))}
+    return (Speed(amp_dtype, auto(channels_last, prefers_channels_last(device, amp_dtype))),
+            auto(data_on_device, data_fits_on_device(nbytes, device)))
 
 
-def inference_flags(amp: str, device: torch.device) -> dict:
+def inference_speed(amp: str, device: torch.device) -> Speed:
     """amp and memory format for prediction, as training picks them by default. (No cuDNN autotuning here: photos
     come in many sizes, and tuning a large one costs more time and memory than it saves.)"""
     amp_dtype = resolve_amp(amp, device)
-    return {"amp_dtype": amp_dtype, "channels_last": prefers_channels_last(device, amp_dtype)}
+    return Speed(amp_dtype, prefers_channels_last(device, amp_dtype))
 
 
 class CPUFloat32ConvTranspose2d(nn.ConvTranspose2d):

@@ -1,81 +1,92 @@
 """The study: train every preset (a diff of the U-Net defaults), evaluate each, and write the table and figure."""
 from __future__ import annotations
 
-import argparse
-import copy
 import time
 from pathlib import Path
 
+import torch
+from torch import nn
 
-from .cli import finish_train_args
+from some_define import Speed
+
+from .cli import train_config
+from .config import TrainConfig
 from .data import dataset_classes, first_examples, is_voc_dir, read_split
-from .download import training_data_dir
+from .download import find_data
 from .figures import prediction_figure, study_curves
 from .files import read_json, save_figure, write_json, write_text
 from .prediction import open_model, split_metrics
-from .speed import inference_flags, try_all_gpus_or_cpu
+from .speed import inference_speed, try_all_gpus_or_cpu
 from .training import train
 
 
-def preset_args(args: argparse.Namespace, name: str, out: Path, presets: dict, defaults: dict,
-                finetune_epochs: int) -> argparse.Namespace:
-    """The arguments of one preset: the user's flags win, then the preset, then the defaults."""
+def preset_config(flags: dict, name: str, out: Path, presets: dict, defaults: dict,
+                  finetune_epochs: int) -> TrainConfig:
+    """The configuration of one preset: the user's flags win, then the preset, then the defaults."""
     preset = dict(presets[name])
     then = preset.pop("then", None)
     preset.pop("only_with_background", None)
-    run = copy.copy(args)
-    run.out = str(out / name)
+    flags = dict(flags, out=str(out / name))
     if then:
-        run.finetune_from = str(out / then / "last.pt")
-        if args.epochs is None:
-            run.epochs = finetune_epochs
-    return finish_train_args(run, dict(defaults, **preset))
+        flags["finetune_from"] = str(out / then / "last.pt")
+        if flags.get("epochs") is None:
+            flags["epochs"] = finetune_epochs
+    return train_config(flags, dict(defaults, **preset))
 
 
-def train_preset(args: argparse.Namespace, name: str, out: Path, presets: dict, defaults: dict,
-                 finetune_epochs: int) -> None:
+def train_preset(flags: dict, name: str, out: Path, presets: dict, defaults: dict, finetune_epochs: int) -> None:
     """Train a preset into OUT/NAME (first the preset it fine-tunes, if that has not been trained yet)."""
     then = presets[name].get("then")
     if then and not (out / then / "last.pt").is_file():
-        train_preset(args, then, out, presets, defaults, finetune_epochs)
-    run = preset_args(args, name, out, presets, defaults, finetune_epochs)
+        train_preset(flags, then, out, presets, defaults, finetune_epochs)
+    config = preset_config(flags, name, out, presets, defaults, finetune_epochs)
     print(f"=== preset {name}")
-    train(run)
+    train(config)
 
 
-def run_study(args: argparse.Namespace, presets: dict, defaults: dict, finetune_epochs: int) -> None:
-    """Train and evaluate every preset that makes sense for the dataset; a preset whose eval.json exists is done
-    and skipped on a rerun."""
-    out = Path(args.out or "runs/study")
-    device = try_all_gpus_or_cpu(args.device or ("cpu" if args.demo else None))
-    flags = inference_flags(args.amp, device)
-    data_dir = training_data_dir(args.voc_dir, args.demo, args.download, args.mirror)
-    class_names, colormap = dataset_classes(args.classes)
-    val_set = read_split(data_dir, args.val_split, colormap, args.ignore_index)
+def evaluate_preset(flags: dict, name: str, out: Path, presets: dict, defaults: dict, finetune_epochs: int,
+                    val_set, device: torch.device, speed: Speed) -> tuple[dict, nn.Module]:
+    """A preset's eval.json (trained and measured first unless it exists: a finished preset is skipped on a rerun)
+    and its network."""
+    result_path = out / name / "eval.json"
+    done = result_path.is_file()
+    started = time.perf_counter()
+    if done:
+        print(f"=== preset {name}: done before, skipped ({result_path})")
+    else:
+        train_preset(flags, name, out, presets, defaults, finetune_epochs)
+    net, checkpoint = open_model(out / name / "last.pt", device)
+    if not done:
+        metrics = split_metrics(net, checkpoint, val_set, device, 8, speed)
+        write_json({"preset": name, "config": checkpoint["config"], "history": checkpoint["history"],
+                    "wall_seconds": time.perf_counter() - started, **metrics}, result_path)
+    return read_json(result_path), net
+
+
+def run_study(flags: dict, presets: dict, defaults: dict, finetune_epochs: int, pictures: str | None = None,
+              num: int = 4) -> None:
+    """Train and evaluate every preset that makes sense for the dataset; write study.md, study.png and
+    study_curves.png."""
+    base = train_config(flags, defaults)   # the data and the device every preset shares
+    out = Path(flags.get("out") or "runs/study")
+    device = try_all_gpus_or_cpu(base.device)
+    speed = inference_speed(base.amp, device)
+    data_dir = find_data(base.data_dir, base.demo, base.download, base.mirror)
+    class_names, colormap = dataset_classes(base.classes)
+    val_set = read_split(data_dir, base.val_split, colormap, base.ignore_index)
     rows, models = [], []
     for name, preset in presets.items():
         if preset.get("only_with_background") and class_names[0] != "background":
             print(f"=== preset {name}: left out, class 0 is {class_names[0]!r}, not a background")
             continue
-        result_path = out / name / "eval.json"
-        done = result_path.is_file()
-        started = time.perf_counter()
-        if done:
-            print(f"=== preset {name}: done before, skipped ({result_path})")
-        else:
-            train_preset(args, name, out, presets, defaults, finetune_epochs)
-        net, checkpoint = open_model(out / name / "last.pt", device)
-        if not done:
-            metrics = split_metrics(net, checkpoint, val_set, device, 8, **flags)
-            write_json({"preset": name, "config": checkpoint["config"], "history": checkpoint["history"],
-                        "wall_seconds": time.perf_counter() - started, **metrics}, result_path)
-        rows.append(read_json(result_path))
+        row, net = evaluate_preset(flags, name, out, presets, defaults, finetune_epochs, val_set, device, speed)
+        rows.append(row)
         models.append((name, net))
-    pictures = Path(args.pictures) if args.pictures else study_pictures_dir(args.demo, data_dir)
-    what = "synthetic demo data (random-init backbones)" if args.demo else data_dir.name   # not its path on this disk
+    pictures = Path(pictures) if pictures else study_pictures_dir(base.demo, data_dir)
+    what = "synthetic demo data (random-init backbones)" if base.demo else data_dir.name   # not its path on this disk
     write_text(study_table(rows, what), pictures / "study.md")
-    save_figure(prediction_figure(models, first_examples(val_set, args.num), colormap, class_names, device,
-                                  title=what, **flags), pictures / "study.png")
+    save_figure(prediction_figure(models, first_examples(val_set, num), colormap, class_names, device,
+                                  title=what, speed=speed), pictures / "study.png")
     runs = {r["preset"]: (r["config"]["model"], r["history"]) for r in rows}
     save_figure(study_curves(runs, what), pictures / "study_curves.png")
     print(f"wrote {pictures / 'study.md'}, {pictures / 'study.png'} and {pictures / 'study_curves.png'}")

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from some_define import UsageError, padded_logits, padded_size, predict
+from some_define import STRIDE, Speed, UsageError, padded_logits, padded_size, predict
 
 from .speed import look_at_load
 
@@ -32,8 +32,9 @@ def parse_tile(values: Sequence[str], overlap: float) -> Tile:
         h, w = (int(v) for v in values)
     except ValueError:
         raise UsageError(f"--tile {' '.join(values)}: give auto, off, or H W (e.g. --tile 512 512)")
-    if min(h, w) <= 0 or h % 32 or w % 32:
-        raise UsageError(f"--tile {h} {w}: both sides must be positive multiples of 32 (the networks downsample by 32)")
+    if min(h, w) <= 0 or h % STRIDE or w % STRIDE:
+        raise UsageError(f"--tile {h} {w}: both sides must be positive multiples of {STRIDE} (the networks "
+                         f"downsample by {STRIDE})")
     return h, w
 
 
@@ -55,7 +56,7 @@ def axis_starts(length: int, tile: int, overlap: float) -> list[int]:
     32), so the windows share the network's stride-32 grid; the last window flush with the border."""
     if length <= tile:
         return [0]
-    stride = min(tile, max(32, int(tile * (1 - overlap)) // 32 * 32))
+    stride = min(tile, max(STRIDE, int(tile * (1 - overlap)) // STRIDE * STRIDE))
     return list(range(0, length - tile, stride)) + [length - tile]
 
 
@@ -74,22 +75,21 @@ def tile_windows(image_hw: tuple[int, int], tile_hw: tuple[int, int], overlap: f
             for top in axis_starts(ph, th, overlap) for left in axis_starts(pw, tw, overlap)]
 
 
-def tile_logits(net: nn.Module, tile: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None,
-                channels_last: bool, tta: bool) -> torch.Tensor:
+def tile_logits(net: nn.Module, tile: torch.Tensor, device: torch.device, speed: Speed, tta: bool) -> torch.Tensor:
     """float32 logits (C x h x w) of one uint8 window, computed as predict_full_res computes a whole image."""
     h, w = tile.shape[1:]
-    return padded_logits(net, [tile], device, amp_dtype, channels_last, tta)[0, :, :h, :w].float()
+    return padded_logits(net, [tile], device, speed, tta)[0, :, :h, :w].float()
 
 
 @torch.inference_mode()
 def predict_tiled(image: torch.Tensor, net: nn.Module, device: torch.device, tile_hw: tuple[int, int],
-                  overlap: float = DEFAULT_OVERLAP, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                  overlap: float = DEFAULT_OVERLAP, speed: Speed = Speed(),
                   tta: bool = False) -> torch.Tensor:
     """The classes (H x W, on the CPU) of one uint8 image from overlapping windows. The blended logits live in one
     strip of a window's height (C x tile H x W float32 on ``device``): a row of windows is added to it, the rows
     above the next row's windows are final and go to their argmax, and the strip moves down."""
     net.eval()
-    if channels_last:
+    if speed.channels_last:
         net.to(memory_format=torch.channels_last)
     height, width = image.shape[1:]
     th, tw = window_size((height, width), tile_hw)
@@ -106,7 +106,7 @@ def predict_tiled(image: torch.Tensor, net: nn.Module, device: torch.device, til
         strip_top = top
         look_at_load()   # a large photo takes minutes on a CPU: the load can change meanwhile
         for _, left, h, w in row:
-            logits = tile_logits(net, image[:, top:top + h, left:left + w], device, amp_dtype, channels_last, tta)
+            logits = tile_logits(net, image[:, top:top + h, left:left + w], device, speed, tta)
             if strip is None:
                 strip = torch.zeros(logits.shape[0], th, width, device=device)
             strip[:, :h, left:left + w] += logits * weights[:h, :w]
@@ -124,10 +124,10 @@ def chosen_tile(image_hw: tuple[int, int], tile: Tile) -> tuple[int, int] | None
 
 
 def predict_any_size(image: torch.Tensor, net: nn.Module, device: torch.device, tile: Tile = "auto",
-                     overlap: float = DEFAULT_OVERLAP, **flags) -> torch.Tensor:
+                     overlap: float = DEFAULT_OVERLAP, speed: Speed = Speed(), tta: bool = False) -> torch.Tensor:
     """The classes (H x W, on the CPU) of one uint8 image, whole or tiled as ``tile`` decides for its size."""
     look_at_load()   # every image of --images and every request of the page
     size = chosen_tile(tuple(image.shape[1:]), tile)
     if size is None:
-        return predict(image, net, device, **flags).cpu()
-    return predict_tiled(image, net, device, size, overlap, **flags)
+        return predict(image, net, device, speed, tta).cpu()
+    return predict_tiled(image, net, device, size, overlap, speed, tta)

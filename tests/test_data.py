@@ -310,18 +310,18 @@ def test_small_images_reach_training_crops(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["flat", "VOC2012", "VOCdevkit"])
-def test_find_dataset_dir_layouts(tmp_path, layout):
+def test_recognise_layout_layouts(tmp_path, layout):
     voc_dir = make_voc_tree(tmp_path / "data", [(20, 30)], [(20, 30)], layout=layout)
-    assert data.find_dataset_dir(tmp_path / "data") == voc_dir
-    assert data.find_dataset_dir(voc_dir) == voc_dir
-    assert data.find_dataset_dir(str(tmp_path / "data")) == voc_dir
+    assert data.recognise_layout(tmp_path / "data") == voc_dir
+    assert data.recognise_layout(voc_dir) == voc_dir
+    assert data.recognise_layout(str(tmp_path / "data")) == voc_dir
 
 
-def test_find_dataset_dir_missing_names_the_tried_paths(tmp_path):
+def test_recognise_layout_missing_names_the_tried_paths(tmp_path):
     missing = tmp_path / "nothing"
     (tmp_path / "nothing" / "VOC2012" / "JPEGImages").mkdir(parents=True)   # incomplete: not a dataset
     with pytest.raises(sd.UsageError) as info:
-        data.find_dataset_dir(missing)
+        data.recognise_layout(missing)
     message = str(info.value)
     for tried in (missing, missing / "VOC2012", missing / "VOCdevkit" / "VOC2012"):
         assert str(tried) in message

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from conftest import make_voc_tree, run_script
 import some_define as sd
-from support import checkpoints, distributed
+from support import checkpoints, distributed, steps
 
 B, CROP = 4, (96, 96)
 
@@ -36,8 +36,8 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def three_steps(net: torch.nn.Module, images, labels, reduction: str, world_size: int) -> None:
     optimizer = torch.optim.SGD(net.parameters(), lr=2e-4)   # small enough that 3 steps lower the loss smoothly
     for _ in range(3):
-        sd.train_step(net, optimizer, images, labels, device=torch.device("cpu"), void="ignore",
-                      reduction=reduction, world_size=world_size)
+        steps.make_step(sd.SegmentationLoss(reduction, "ignore"), sd.Speed(), None, 1, world_size)(
+            net, optimizer, images, labels)
 
 
 def val_set() -> sd.SegDataset:

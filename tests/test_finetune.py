@@ -56,13 +56,13 @@ def test_a_finetune_and_a_resume_train_on_the_checkpoints_data(voc, base, tmp_pa
     assert result.returncode == 0, result.stderr
     assert f"note: training on the data of {base / 'last.pt'}: {voc}, classes VOC, ignore index 6" in result.stdout
     config = checkpoints.load_checkpoint(out / "last.pt")["config"]
-    assert (config["voc_dir"], config["ignore_index"], config["demo"]) == (str(voc), 6, False)
+    assert (config["data_dir"], config["ignore_index"], config["demo"]) == (str(voc), 6, False)
     # --resume reads the same from OUT/last.pt; a flag given wins over the checkpoint's.
-    args = cli.finish_train_args(my_train.parse_args(["--resume", "--out", str(base), *TINY]), my_train.DEFAULTS)
-    assert (args.voc_dir, args.ignore_index) == (str(voc), 6)
-    args = cli.finish_train_args(my_train.parse_args(["--resume", "--out", str(base), "--ignore-index", "0", *TINY]),
-                                 my_train.DEFAULTS)
-    assert (args.voc_dir, args.ignore_index) == ("VOC2012", 0)
+    config = cli.train_config(vars(my_train.parse_args(["--resume", "--out", str(base), *TINY])), my_train.DEFAULTS)
+    assert (config.data_dir, config.ignore_index) == (str(voc), 6)
+    given = ["--resume", "--out", str(base), "--ignore-index", "0", *TINY]
+    config = cli.train_config(vars(my_train.parse_args(given)), my_train.DEFAULTS)
+    assert (config.data_dir, config.ignore_index) == ("VOC2012", 0)
 
 
 def test_prediction_keeps_watching_the_load_between_images_and_rows_of_tiles(monkeypatch):

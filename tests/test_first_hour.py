@@ -20,7 +20,7 @@ from support import checkpoints, download, export, figures, prediction
 def checkpoint_file(path: Path, model: str, voc_dir: Path, demo: bool = False) -> Path:
     torch.manual_seed(0)
     net = sd.build_model(model, 21)
-    config = {"voc_dir": str(voc_dir), "demo": demo, "val_split": "val", "ignore_index": None}
+    config = {"data_dir": str(voc_dir), "demo": demo, "val_split": "val", "ignore_index": None}
     checkpoints.save_checkpoint(path, checkpoints.make_checkpoint(net, model, sd.VOC_CLASSES, sd.VOC_COLORMAP,
                                                                   config, epoch=3, history=[]))
     return path

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import some_define as sd
-from support import checkpoints
+from support import checkpoints, steps
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +177,9 @@ def test_a_few_steps_lower_the_loss(reduction, optimizer, lr):
     net = sd.FCN(num_classes=3, pretrained="none")
     opt = sd.make_optimizer(optimizer, net.parameters(), lr, 0.0)
     images, labels = tiny_batch()
-    cpu = torch.device("cpu")
     losses = []
     for _ in range(6):
-        loss, correct, counted = sd.train_step(net, opt, images, labels, device=cpu, void="ignore",
-                                               reduction=reduction)
+        loss, correct, counted = sd.train_step(net, opt, images, labels, sd.SegmentationLoss(reduction, "ignore"))
         losses.append(loss)
         assert counted == 2 * 64 * 62 and 0 <= correct <= counted
     # The loss after the last update (train mode, as train_step computes it), per image for 'sum'.
@@ -198,15 +196,14 @@ def test_accumulated_step_equals_full_batch_step():
     images = torch.cat([images, images.flip(-2)])
     labels = torch.cat([labels, labels.flip(-2)])
     labels[3, :10] = sd.VOID         # micro-batches with different numbers of labelled pixels
-    cpu = torch.device("cpu")
     for reduction in ("sum", "mean"):
         grads, losses = [], []
         for accum in (1, 2):
             torch.manual_seed(0)
             net = sd.FCN(num_classes=3, pretrained="none").eval()
             opt = torch.optim.SGD(net.parameters(), lr=0.0)
-            loss, _, _ = sd.train_step(net, opt, images, labels, device=cpu, void="ignore", reduction=reduction,
-                                       accum_steps=accum)
+            step = steps.make_step(sd.SegmentationLoss(reduction, "ignore"), sd.Speed(), None, accum)
+            loss, _, _ = step(net, opt, images, labels)
             losses.append(loss)
             grads.append(net.final_conv.weight.grad.clone())
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)

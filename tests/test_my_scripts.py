@@ -1,7 +1,6 @@
 """The improved model and the study: shared encoder weights, presets, fine-tuning, --study, the comparison figure."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ from PIL import Image
 from conftest import make_voc_tree, run_script
 import my_train
 import some_define as sd
-from support import checkpoints, cli, study, training
+from support import checkpoints, cli, steps, study, training
+from support.config import TrainConfig
 
 TINY = ["--pretrained", "none", "--device", "cpu", "--crop", "32", "32", "--batch-size", "2", "--workers", "0"]
 
@@ -39,10 +39,10 @@ def test_both_networks_load_the_same_resnet18_into_the_same_encoder_tensors(tmp_
             assert torch.equal(sa[key], weights[f"{prefix}.{key}"]), (prefix, key)
 
 
-def preset(name: str, *flags: str) -> argparse.Namespace:
+def preset(name: str, *flags: str) -> TrainConfig:
     args = my_train.parse_args(list(flags))
     finetune_epochs = my_train.FINETUNE_EPOCHS["demo" if args.demo else "full"]
-    return study.preset_args(args, name, Path("OUT"), my_train.PRESETS, my_train.DEFAULTS, finetune_epochs)
+    return study.preset_config(vars(args), name, Path("OUT"), my_train.PRESETS, my_train.DEFAULTS, finetune_epochs)
 
 
 @pytest.mark.parametrize("name, model, optimizer, lr, loss, void", [
@@ -97,11 +97,11 @@ def test_finetune_starts_from_the_saved_weights_with_a_fresh_optimizer(voc, tmp_
         if len(seen) == 1:
             seen.append(loss[0])
         return loss
-    monkeypatch.setattr(sd, "train_step", recording_step)
-    args = cli.finish_train_args(my_train.parse_args(
+    monkeypatch.setattr(steps, "train_step", recording_step)
+    config = cli.train_config(vars(my_train.parse_args(
         ["--voc-dir", str(voc), "--out", str(tmp_path / "ft"), "--epochs", "1", "--lr", "1e-5",
-         "--finetune-from", str(first / "last.pt"), "--amp", "off", *TINY]), my_train.DEFAULTS)   # fp32 like below
-    history = training.train(args)
+         "--finetune-from", str(first / "last.pt"), "--amp", "off", *TINY])), my_train.DEFAULTS)   # fp32 like below
+    history = training.train(config)
 
     lr, optimizer_state, images, labels = seen[0]
     assert lr == 1e-5 and optimizer_state == 0          # the new lr, and no Adam moments carried over

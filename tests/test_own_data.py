@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from conftest import make_voc_tree  # noqa: E402
 import some_define as sd  # noqa: E402
-from support import checkpoints, cli, data, download, export, speed
+from support import checkpoints, cli, data, download, export, prediction, speed
 from support.data import voc_palette
 
 # One thread: on a small shared machine, several OpenMP threads spin-waiting on each other make steps far slower.
@@ -304,7 +305,7 @@ def test_images_give_palette_pngs_of_the_input_size_and_overlays(trained, tmp_pa
             indices = torch.from_numpy(np.array(png))
         image = sd.read_image(tmp_path / "in" / f"{name}{'.jpg' if name in ('odd', 'cmyk') else '.png'}")
         cpu = torch.device("cpu")   # the script's defaults: bf16 where this CPU computes it natively
-        _, expected = next(sd.predict_full_res(net, [image], cpu, **speed.inference_flags("auto", cpu)))
+        _, expected = next(sd.predict_full_res(net, [image], cpu, speed=speed.inference_speed("auto", cpu)))
         assert torch.equal(indices, expected.to(torch.uint8))   # the model's own full-resolution prediction
         assert int(indices.max()) < 3
         with Image.open(out / f"{name}_overlay.jpg") as overlay:
@@ -339,17 +340,17 @@ def test_mismatched_classes_are_refused(trained, tmp_path):
         checkpoints.check_classes_match(NAMES, [[0, 0, 0], *COLOURS[1:]], checkpoint, "other.txt")
 
 
-def test_predict_flags_default_to_the_training_run():
-    checkpoint = {"class_names": NAMES, "colormap": COLOURS, "config": {"val_split": "check", "ignore_index": 11}}
-    parse = lambda *argv: cli.predict_arg_parser("", "c.pt", "f.png").parse_args(list(argv))
-    args = cli.finish_predict_args(parse(), checkpoint)
-    assert (args.split, args.ignore_index) == ("check", 11)
-    args = cli.finish_predict_args(parse("--split", "val", "--ignore-index", "3"), checkpoint)
-    assert (args.split, args.ignore_index) == ("val", 3)
+def test_predict_flags_default_to_the_training_run(tmp_path):
+    voc = make_voc_tree(tmp_path, [(20, 30)], [(20, 30)])
+    checkpoint = {"class_names": NAMES, "colormap": COLOURS,
+                  "config": {"data_dir": str(voc), "val_split": "check", "ignore_index": 11}}
+    parse = lambda *argv: cli.predict_config(vars(cli.predict_arg_parser("", "c.pt", "f.png").parse_args(list(argv))))
+    assert prediction.checkpoint_data(parse(), checkpoint) == (voc, "check", 11)
+    assert prediction.checkpoint_data(parse("--split", "val", "--ignore-index", "3"), checkpoint) == (voc, "val", 3)
     with pytest.raises(sd.UsageError, match="--tta applies to --images"):
-        cli.finish_predict_args(parse("--tta"), checkpoint)
+        parse("--tta")
     with pytest.raises(sd.UsageError, match="--images and --eval do not go together"):
-        cli.finish_predict_args(parse("--images", "x.jpg", "--eval"), checkpoint)
+        parse("--images", "x.jpg", "--eval")
 
 
 def test_outputs_must_not_clash_or_replace_inputs(tmp_path):
@@ -392,9 +393,9 @@ def test_download_extracts_then_trains(tmp_path, monkeypatch):
     assert data.is_voc_dir(root / "VOCdevkit" / "VOC2012")
     assert (tmp_path / "run" / "last.pt").is_file()
     # The checkpoint's --voc-dir finds the extracted tree, so predict needs no flags; a rerun downloads nothing.
-    assert data.find_dataset_dir(root / "VOC2012") == root / "VOCdevkit" / "VOC2012"
+    assert data.recognise_layout(root / "VOC2012") == root / "VOCdevkit" / "VOC2012"
     (root / download.VOC_TAR).unlink()
-    assert download.training_data_dir(str(root / "VOC2012"), demo=False, download=True, mirror=None) \
+    assert download.find_data(str(root / "VOC2012"), demo=False, download=True, mirror=None) \
         == root / "VOCdevkit" / "VOC2012"
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 import origin_train
 import some_define as sd
 from conftest import run_script
-from support import cli, data, study
+from support import checkpoints, cli, data, study
 
 CLASSES = "sky 128 128 128\nroad 128 64 128\ncar 64 0 128\n"   # class 0 is not a background, as in CamVid
 UNLABELLED = 3                                                  # CamVid's 'unlabelled' value, void via --ignore-index
@@ -50,7 +50,7 @@ def make_pair_list_dataset(root: Path, splits: dict[str, int], hw: tuple[int, in
 @pytest.mark.parametrize("prefix", [None, "/SegNet/CamVid/"])
 def test_pair_lists_are_read_without_conversion(tmp_path, prefix):
     root = make_pair_list_dataset(tmp_path / "camvid", {"train": 3, "val": 2}, absolute_prefix=prefix)
-    assert data.find_dataset_dir(root) == root
+    assert data.recognise_layout(root) == root
     names, colormap = data.read_classes(root / "classes.txt")
     split = data.read_split(root, "train", colormap, ignore_index=UNLABELLED)
     assert split.names == ["train0", "train1", "train2"]
@@ -118,12 +118,12 @@ def test_void_background_only_where_class_0_is_background(tmp_path, capsys):
     root = make_pair_list_dataset(tmp_path / "d", {"train": 1})
     parse = lambda *flags: cli.train_arg_parser("", {}).parse_args(["--classes", str(root / "classes.txt"), *flags])
     book = dict(origin_train.DEFAULTS, epochs=1, batch_size=1, crop=[32, 32], workers=0, pretrained="none")
-    assert cli.finish_train_args(parse(), book).void == "ignore"    # the book's default, where it means nothing
+    assert cli.train_config(vars(parse()), book).void == "ignore"    # the book's default, where it means nothing
     assert "class 0 is 'sky', not 'background'" in capsys.readouterr().out
     with pytest.raises(sd.UsageError, match="--void background trains void pixels as class 0, which is 'sky'"):
-        cli.finish_train_args(parse("--void", "background"), book)
+        cli.train_config(vars(parse("--void", "background")), book)
     voc = cli.train_arg_parser("", {}).parse_args([])
-    assert cli.finish_train_args(voc, book).void == "background"    # VOC: class 0 is background
+    assert cli.train_config(vars(voc), book).void == "background"    # VOC: class 0 is background
 
 
 def test_study_on_a_pair_list_dataset(tmp_path):
@@ -143,7 +143,8 @@ def test_study_on_a_pair_list_dataset(tmp_path):
             "crop, flip, scale 0.5-2 | 1 |") in table
     assert "void-bg" not in table and (pictures / "study.png").is_file() and (pictures / "study_curves.png").is_file()
     config = study.read_json(tmp_path / "runs" / "unet-reference-mfw" / "eval.json")["config"]
-    assert config["class_weights"] == "median-freq" and len(config["class_weight_values"]) == 3
+    weights = checkpoints.load_checkpoint(tmp_path / "runs" / "unet-reference-mfw" / "last.pt")["class_weights"]
+    assert config["class_weights"] == "median-freq" and len(weights) == 3
 
 
 def test_a_study_on_other_data_goes_to_its_own_pictures_folder(tmp_path):

@@ -9,8 +9,8 @@ import torch
 
 import some_define as sd
 from conftest import TINY_TRAIN_SIZES, make_voc_tree, run_script
-from support import data, speed
-from support.training import crop_batches_on_device
+from support import data, speed, steps
+from support.data import crop_batches_on_device
 
 CPU = torch.device("cpu")
 NUM_CLASSES = 5
@@ -34,8 +34,8 @@ def grads_after_step(images, labels, reduction: str, accum_steps: int) -> tuple[
     # train mode the batch statistics differ per micro-batch: accumulation then is a different, not a wrong, step.)
     net = sd.FCN(num_classes=NUM_CLASSES, pretrained="none").eval()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)      # lr 0: the step leaves the weights alone
-    loss, correct, counted = sd.train_step(net, optimizer, images, labels, device=CPU, void="ignore",
-                                           reduction=reduction, accum_steps=accum_steps)
+    step = steps.make_step(sd.SegmentationLoss(reduction, "ignore"), sd.Speed(), None, accum_steps)
+    loss, correct, counted = step(net, optimizer, images, labels)
     return [p.grad.clone() for p in net.parameters()], loss, correct, counted
 
 
@@ -120,7 +120,7 @@ def test_channels_last_gives_the_same_logits(model_and_input):
     assert float((nhwc - plain).abs().max()) <= 1e-4 * scale
     preds = dict(sd.predict_full_res(net, list(images), CPU, batch_size=2))
     preds_nhwc = dict(sd.predict_full_res(net.to(memory_format=torch.channels_last), list(images), CPU,
-                                          batch_size=2, channels_last=True))
+                                          batch_size=2, speed=sd.Speed(None, True)))
     net.to(memory_format=torch.contiguous_format)
     agree = sum(int((preds[i] == preds_nhwc[i]).sum()) for i in preds) / sum(p.numel() for p in preds.values())
     assert agree >= 0.999
@@ -150,8 +150,7 @@ def test_amp_training_step_matches_the_plain_step():
             net = net.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
         losses[amp_dtype, channels_last], _, _ = sd.train_step(
-            net, optimizer, images, labels, device=CPU, void="ignore", reduction="mean", amp_dtype=amp_dtype,
-            channels_last=channels_last)
+            net, optimizer, images, labels, sd.SegmentationLoss("mean", "ignore"), sd.Speed(amp_dtype, channels_last))
     plain = losses[None, False]
     assert losses[None, True] == pytest.approx(plain, rel=1e-4)
     assert losses[torch.bfloat16, False] == pytest.approx(plain, rel=0.02)
@@ -284,5 +283,5 @@ def test_bf16_by_default_exactly_where_the_cpu_computes_it_natively(monkeypatch,
     cpu = torch.device("cpu")
     assert speed.cpu_native_bf16() == expected
     assert speed.resolve_amp("auto", cpu) == (torch.bfloat16 if expected else None)
-    assert speed.resolve_speed_flags("auto", "auto", "auto", cpu, 1)["channels_last"] == bool(expected)
+    assert speed.resolve_speed("auto", "auto", "auto", cpu, 1)[0].channels_last == bool(expected)
     assert speed.resolve_amp("off", cpu) is None and speed.resolve_amp("bf16", cpu) == torch.bfloat16

@@ -13,7 +13,7 @@ from conftest import run_script, synthetic_image
 import some_define as sd
 from support import cli, demo, export, tiles
 from support.prediction import open_model
-from support.speed import inference_flags
+from support.speed import inference_speed
 
 CPU = torch.device("cpu")
 
@@ -76,7 +76,7 @@ def test_strip_accumulator_equals_a_whole_canvas_one():
         weights = tiles.blend_weights(tiles.window_size((100, 130), (64, 64)), sd.padded_size((100, 130)))
         with torch.inference_mode():
             for top, left, h, w in tiles.tile_windows((100, 130), (64, 64), 0.5):
-                logits = tiles.tile_logits(net, image[:, top:top + h, left:left + w], CPU, None, False, tta)
+                logits = tiles.tile_logits(net, image[:, top:top + h, left:left + w], CPU, sd.Speed(), tta)
                 canvas[:, top:top + h, left:left + w] += logits * weights[:h, :w]
         assert torch.equal(tiles.predict_tiled(image, net, CPU, (64, 64), 0.5, tta=tta), canvas.argmax(0))
 
@@ -109,7 +109,7 @@ def test_images_export_goes_through_tiles(tmp_path):
     Image.fromarray(synthetic_image(70, 90, 2)).save(tmp_path / "shot.png")
     net = random_model("unet")
     checkpoint = {"class_names": sd.VOC_CLASSES, "colormap": sd.VOC_COLORMAP, "config": {}}
-    export.predict_images(net, checkpoint, [str(tmp_path / "shot.png")], tmp_path / "out", CPU, tile=(32, 64),
+    export.predict_files(net, checkpoint, [str(tmp_path / "shot.png")], tmp_path / "out", CPU, tile=(32, 64),
                           overlap=0.5)
     written = np.array(Image.open(tmp_path / "out" / "shot.png"))
     expected = tiles.predict_tiled(sd.read_image(tmp_path / "shot.png"), net, CPU, (32, 64), 0.5)
@@ -129,13 +129,12 @@ def test_images_export_goes_through_tiles(tmp_path):
 def test_bad_tile_flags_are_one_line(flags, message):
     args = cli.predict_arg_parser("x", "ckpt.pt", "fig.png").parse_args(["--images", "a.jpg", *flags])
     with pytest.raises(sd.UsageError, match=message.replace("(", r"\(")) as e:
-        cli.finish_predict_args(args, {"config": {}})
+        cli.predict_config(vars(args))
     assert "\n" not in str(e.value)
 
 
 def test_tile_flags_are_filled_and_checked():
-    parse = lambda *flags: cli.finish_predict_args(cli.predict_arg_parser("x", "c.pt", "f.png").parse_args(list(flags)),
-                                                   {"config": {}})
+    parse = lambda *flags: cli.predict_config(vars(cli.predict_arg_parser("x", "c.pt", "f.png").parse_args(list(flags))))
     args = parse("--images", "a.jpg")
     assert (args.tile, args.tile_overlap) == ("auto", tiles.DEFAULT_OVERLAP)
     args = parse("--serve", "--tile", "256", "512", "--tile-overlap", "0.5")
@@ -157,15 +156,15 @@ def test_tiled_agrees_with_whole_on_the_demo_val_images(tmp_path):
     result = run_script("my_train.py", "--demo", "--epochs", "1", "--lr", "1e-3", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     net, _ = open_model(tmp_path / "last.pt", CPU)
-    flags = inference_flags("auto", CPU)   # what the scripts use here: bf16 on CPUs with native bf16, else fp32
+    speed = inference_speed("auto", CPU)   # what the scripts use here: bf16 on CPUs with native bf16, else fp32
     voc = demo.make_demo_voc()
     names = (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     images = [sd.read_image(voc / "JPEGImages" / f"{name}.jpg") for name in names]
     images = [image for image in images if min(image.shape[1:]) > 64]
     same = objects = pixels = 0
     for image in images:
-        whole = sd.predict(image, net, CPU, **flags)
-        tiled = tiles.predict_tiled(image, net, CPU, (64, 64), tiles.DEFAULT_OVERLAP, **flags)
+        whole = sd.predict(image, net, CPU, speed)
+        tiled = tiles.predict_tiled(image, net, CPU, (64, 64), tiles.DEFAULT_OVERLAP, speed)
         same += (whole == tiled).sum().item()
         objects += (whole != 0).sum().item()
         pixels += whole.numel()
