@@ -25,7 +25,7 @@ import some_define as sd
 from benchmarks.common import VOC_IMAGE_HW, fmt, run_child
 from support.cli import ArgumentParser
 from support.data import read_split, voc_palette
-from support.training import training_batches
+from support.data import training_batches
 
 LOADERS = ("project", "reference")
 

@@ -201,9 +201,13 @@ def to_device(data: SegDataset, device: torch.device) -> SegDataset:
                       data.crop_size)
 
 
-def first_examples(data: SegDataset, n: int) -> SegDataset:
-    """The first ``n`` examples of a split (for figures)."""
-    return SegDataset(data.images[:n], data.labels[:n], data.names[:n], data.crop_size)
+def chosen_examples(data: SegDataset, n: int, spread: bool = False) -> SegDataset:
+    """``n`` examples of a split for a figure: the first ones, or (``spread``) evenly spaced over the split from its
+    first to its last, so that a split of consecutive video frames does not show one scene n times."""
+    step = (len(data) - 1) / (n - 1) if spread and n > 1 and len(data) > n else 1
+    picked = sorted({round(i * step) for i in range(min(n, len(data)))})
+    return SegDataset([data.images[i] for i in picked], [data.labels[i] for i in picked],
+                      [data.names[i] for i in picked], data.crop_size)
 
 
 CLASS_WEIGHT_POWERS = {"none": None, "median-freq": 1.0, "median-freq-sqrt": 0.5}   # --class-weights

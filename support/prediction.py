@@ -13,7 +13,7 @@ from some_define import SegDataset, Speed, UsageError, evaluate
 
 from .checkpoints import check_classes_match, load_checkpoint, restore_model, save_checkpoint
 from .config import PredictConfig
-from .data import first_examples, read_classes, read_split
+from .data import chosen_examples, read_classes, read_split
 from .demo import DEMO_DIR
 from .download import find_data
 from .export import predict_files
@@ -163,7 +163,7 @@ def draw_figures(models: list[Model], data: SegDataset, config: PredictConfig, d
                  speed: Speed) -> None:
     """The figure of the model (--figure), and with a second model the comparison (--compare-figure)."""
     checkpoint = models[-1][2]
-    shown = first_examples(data, config.num)
+    shown = chosen_examples(data, config.num)
     title = "synthetic demo data (shapes, not photos)" if checkpoint["config"].get("demo") else ""
     draw = lambda chosen: prediction_figure([(label, model) for label, model, *_ in chosen], shown,
                                             checkpoint["colormap"], checkpoint["class_names"], device,

@@ -11,7 +11,7 @@ from some_define import Speed
 
 from .cli import train_config
 from .config import TrainConfig
-from .data import dataset_classes, first_examples, is_voc_dir, read_split
+from .data import chosen_examples, dataset_classes, is_voc_dir, read_split
 from .download import find_data
 from .figures import prediction_figure, study_curves
 from .files import read_json, save_figure, write_json, write_text
@@ -85,7 +85,8 @@ def run_study(flags: dict, presets: dict, defaults: dict, finetune_epochs: int, 
     pictures = Path(pictures) if pictures else study_pictures_dir(base.demo, data_dir)
     what = "synthetic demo data (random-init backbones)" if base.demo else data_dir.name   # not its path on this disk
     write_text(study_table(rows, what), pictures / "study.md")
-    save_figure(prediction_figure(models, first_examples(val_set, num), colormap, class_names, device,
+    # Evenly spaced over the val split: CamVid's val split is consecutive frames of a few drives.
+    save_figure(prediction_figure(models, chosen_examples(val_set, num, spread=True), colormap, class_names, device,
                                   title=what, speed=speed), pictures / "study.png")
     runs = {r["preset"]: (r["config"]["model"], r["history"]) for r in rows}
     save_figure(study_curves(runs, what), pictures / "study_curves.png")

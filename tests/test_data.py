@@ -8,10 +8,9 @@ from PIL import Image
 
 import some_define as sd
 from support import data
-from support.data import voc_palette
-from support.training import crop_batches_on_device
-from conftest import (TINY_TRAIN_SIZES, TINY_VAL_SIZES, make_voc_tree, synthetic_label, write_palette_label,
-                      write_rgb_label)
+from support.data import crop_batches_on_device, voc_palette
+from conftest import (TINY_TRAIN_SIZES, TINY_VAL_SIZES, make_voc_tree, run_script, synthetic_label,
+                      write_palette_label, write_rgb_label)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -152,9 +151,14 @@ def test_sampler_windows_vary_and_cover_the_range():
     assert 0 in tops or 16 in tops
 
 
-def test_sampler_rejects_batch_larger_than_split():
-    with pytest.raises(sd.UsageError, match="--batch-size 9"):
-        sd.RandomCropBatchSampler(coord_dataset(), batch_size=9)
+def test_sampler_rejects_batch_larger_than_split(tmp_path):
+    with pytest.raises(sd.UsageError, match=r"a batch of 9 is larger than the training split \(\d+ images\)$"):
+        sd.RandomCropBatchSampler(coord_dataset(), batch_size=9)   # the book's file speaks of data ...
+    voc = make_voc_tree(tmp_path, [(40, 40)] * 2, [(40, 40)])
+    result = run_script("my_train.py", "--voc-dir", str(voc), "--batch-size", "3", "--crop", "32", "32",
+                        "--pretrained", "none", "--device", "cpu", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2   # ... and the script adds the flag to change
+    assert "error: a batch of 3 is larger than the training split (2 images); lower --batch-size" in result.stderr
 
 
 def test_dataloader_workers_give_identical_batches():
@@ -403,3 +407,12 @@ def test_augmented_batches_are_the_same_on_every_data_path():
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler(), collate_fn=sd.collate_crops, num_workers=2)
     for (x, y), (xd, yd) in zip(loader, crop_batches_on_device(ds, sampler())):
         assert torch.equal(x, xd) and torch.equal(y, yd)
+
+
+def test_figure_examples_are_the_first_or_spread_over_the_split():
+    images = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(10)]
+    split = sd.SegDataset(images, [torch.zeros(4, 4, dtype=torch.uint8)] * 10, [f"f{i}" for i in range(10)], (4, 4))
+    assert data.chosen_examples(split, 4).names == ["f0", "f1", "f2", "f3"]
+    spread = data.chosen_examples(split, 4, spread=True)
+    assert spread.names == ["f0", "f3", "f6", "f9"] and [int(x[0, 0, 0]) for x in spread.images] == [0, 3, 6, 9]
+    assert data.chosen_examples(split, 12, spread=True).names == split.names   # fewer than asked: all of them
