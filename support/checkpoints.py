@@ -18,15 +18,6 @@ from .original import open_pickled_model, original_config, original_network, say
 from .speed import keep_transposed_convs_fp32_on_cpu
 
 
-def plain_config(values: dict) -> dict:
-    """Values as plain types only, so the checkpoint loads with weights_only=True."""
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
-    return {k: plain(v) for k, v in values.items()}
-
-
 def unwrap(net: nn.Module) -> nn.Module:
     """The plain module under DataParallel / DistributedDataParallel / torch.compile wrappers."""
     while True:
@@ -69,7 +60,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UsageError(f"{path}: not a checkpoint of this project (no model name or state_dict)")
     model, net, read_as = original
     say_once(path, f"read {path}: {read_as}; no code in the file was run")
-    return make_checkpoint(net, model, VOC_CLASSES, VOC_COLORMAP, plain_config(original_config(model)))
+    return make_checkpoint(net, model, VOC_CLASSES, VOC_COLORMAP, original_config(model))
 
 
 def resume_checkpoint_path(resume: str | None, out: Path, finetune_from: str | None) -> Path | None:
