@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_VERSION = 1
 DEMO_DIR = ROOT / ".cache" / f"demo-voc-v{DEMO_VERSION}"
 DEMO_SPLITS = {"train": 160, "val": 40}
+# What the scripts and the page say of a model trained on this data when it is shown other pictures.
+DEMO_NOTE = ("trained on the synthetic demo data (coloured shapes, not photos), so predictions on photos mean "
+             "little; train on VOC or your own data for those")
 # class index -> (base colour, texture): each class is learnable from colour, texture and shape together.
 DEMO_OBJECTS = {1: ((150, 150, 170), "stripes"),   # aeroplane: a cross
                 2: ((40, 160, 40), "plain"),       # bicycle: two thin rings (the FCN cannot draw these)

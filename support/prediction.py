@@ -14,7 +14,7 @@ from some_define import SegDataset, Speed, UsageError, evaluate
 from .checkpoints import check_classes_match, load_checkpoint, restore_model, save_checkpoint
 from .config import PredictConfig
 from .data import chosen_examples, read_classes, read_split
-from .demo import DEMO_DIR
+from .demo import DEMO_DIR, DEMO_NOTE
 from .download import find_data
 from .export import predict_files
 from .figures import prediction_figure
@@ -179,5 +179,4 @@ def warn_if_demo_model(checkpoint: dict, images: Sequence[str]) -> None:
     """One line when a model of the synthetic demo data is asked about other pictures."""
     demo_dir = DEMO_DIR.resolve()
     if checkpoint["config"].get("demo") and not all(demo_dir in Path(p).resolve().parents for p in images):
-        print("note: this model was trained on the synthetic demo data (coloured shapes, not photos), so its "
-              "predictions on photos mean little; train on VOC or your own data for those")
+        print(f"note: this model was {DEMO_NOTE}")

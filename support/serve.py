@@ -23,6 +23,7 @@ from werkzeug.serving import make_server, select_address_family
 
 from some_define import Speed, UsageError, read_image
 
+from .demo import DEMO_NOTE
 from .export import palette_image
 from .tiles import DEFAULT_OVERLAP, Tile, chosen_tile, predict_any_size
 
@@ -35,8 +36,6 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; styl
                            "img-src data:; connect-src 'self'")
 Model = tuple[str, nn.Module, dict, Path]   # label, network, checkpoint, its path
 FIELD = "file"   # the multipart field that holds the photo (curl -F file=@photo.jpg, the page's own form data)
-DEMO_NOTE = ("trained on the synthetic demo data (coloured shapes, not photos), so predictions on photos mean "
-             "little; train on VOC or your own data for those")
 
 
 class RequestError(Exception):
