@@ -595,10 +595,11 @@ def forward_backward(net: nn.Module, images: torch.Tensor, targets: torch.Tensor
     return l.detach(), logits
 
 
-def pixel_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(correct, labelled) pixels, as a tensor on the device: the book's accuracy without void pixels."""
+def step_totals(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(loss, correct pixels, labelled pixels) as one float64 tensor on the device, read back once per step; the
+    book's accuracy without void pixels."""
     valid = targets != VOID
-    return torch.stack([((logits.argmax(1) == targets) & valid).sum(), valid.sum()])
+    return torch.stack([loss.double(), ((logits.argmax(1) == targets) & valid).sum().double(), valid.sum().double()])
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -620,7 +621,7 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
     l, logits = forward_backward(net, images, targets, loss, speed, scaler)
     optimizer_step(optimizer, scaler)
     # One host sync per step: the loss and both counts come back together.
-    l, correct, labelled = torch.cat([l.double().view(1), pixel_counts(logits, targets).double()]).tolist()
+    l, correct, labelled = step_totals(l, logits, targets).tolist()
     return loss.per_image(l, len(images)), int(correct), int(labelled)
 
 

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from some_define import (SegDataset, SegmentationLoss, Speed, forward_backward, optimizer_step, pixel_counts,
+from some_define import (SegDataset, SegmentationLoss, Speed, forward_backward, optimizer_step, step_totals,
                          train_step)
 
 from .config import TrainConfig
@@ -42,7 +42,7 @@ class AccumulatedStep:
             with sync:
                 l, logits = forward_backward(net, micro_images, targets, self.scaled, self.speed, self.scaler,
                                              denominator)
-            totals += torch.cat([l.double().view(1), pixel_counts(logits, targets).double()])
+            totals += step_totals(l, logits, targets)
         optimizer_step(optimizer, self.scaler)
         loss_total, correct, labelled = totals.tolist()
         share = self.loss.per_image(loss_total / self.world_size, len(images) * self.world_size)
