@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the FCN checkpoint to compare with (default: %(default)s)")
     p.add_argument("--compare-figure", default="pictures/compare.png",
                    help="the figure with both networks (default: %(default)s)")
-    run_prediction(predict_config(vars(p.parse_args(argv))), network="unet", strict=False)
+    run_prediction(predict_config(vars(p.parse_args(argv))), network="unet")
 
 
 if __name__ == "__main__":

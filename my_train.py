@@ -10,7 +10,7 @@ from pathlib import Path
 
 from origin_train import DEFAULTS as BOOK_DEFAULTS
 from some_define import UsageError
-from support.cli import train_arg_parser, train_config
+from support.cli import given_flags, script_defaults, train_arg_parser, train_config
 from support.errors import run_main
 from support.study import run_study, train_preset
 from support.training import train
@@ -47,7 +47,7 @@ PRESETS = {
 }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def arg_parser() -> argparse.ArgumentParser:
     p = train_arg_parser(__doc__.splitlines()[0], DEFAULTS)
     p.add_argument("--preset", choices=list(PRESETS), help="train one row of the study (output OUT/PRESET, "
                    "OUT defaulting to runs)")
@@ -57,7 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pictures", help="where --study writes study.md and study.png (default: pictures/ for VOC "
                    "and the demo data, pictures/DATASET/ for others)")
     p.add_argument("--num", type=int, default=4, help="val images in study.png")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
     if args.preset and args.study:
         raise UsageError("--preset and --study do not go together (--study runs every preset)")
     if args.presets and not args.study:
@@ -66,16 +70,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    flags = vars(args)   # the flags given override the defaults, once, in train_config
+    parser = arg_parser()
+    args = parse_args(parser, argv)
+    given, defaults = given_flags(parser, argv), script_defaults(parser)   # merged once, in train_config
     finetune_epochs = FINETUNE_EPOCHS["demo" if args.demo else "full"]
     if args.study:
         presets = {name: PRESETS[name] for name in args.presets} if args.presets else PRESETS
-        run_study(flags, presets, DEFAULTS, finetune_epochs, args.pictures, args.num)
+        run_study(given, presets, defaults, finetune_epochs, args.pictures, args.num)
     elif args.preset:
-        train_preset(flags, args.preset, Path(args.out or "runs"), PRESETS, DEFAULTS, finetune_epochs)
+        train_preset(given, args.preset, Path(given.get("out", "runs")), PRESETS, defaults, finetune_epochs)
     else:
-        train(train_config(flags, DEFAULTS))
+        train(train_config(given, defaults))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from support.prediction import run_prediction
 
 def main(argv: list[str] | None = None) -> None:
     p = predict_arg_parser(__doc__.splitlines()[0], "runs/origin/best.pt", "pictures/origin_out.png")
-    run_prediction(predict_config(vars(p.parse_args(argv))), network="fcn", strict=True)
+    run_prediction(predict_config(vars(p.parse_args(argv))), network="fcn")
 
 
 if __name__ == "__main__":

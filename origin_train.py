@@ -5,7 +5,7 @@
     python origin_train.py --download      # fetch and extract VOC 2012 first (--mirror URL if its host is down)
     python origin_train.py --voc-dir mine --classes mine/classes.txt   # your own dataset in VOC layout
 """
-from support.cli import train_arg_parser, train_config
+from support.cli import given_flags, script_defaults, train_arg_parser, train_config
 from support.errors import run_main
 from support.training import train
 
@@ -33,9 +33,14 @@ DEFAULTS = {
 }
 
 
+def arg_parser():
+    return train_arg_parser(__doc__.splitlines()[0], DEFAULTS, choose_model=False)   # the book's FCN only
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = train_arg_parser(__doc__.splitlines()[0], DEFAULTS, choose_model=False)   # the book's FCN only
-    train(train_config(vars(parser.parse_args(argv)), DEFAULTS))
+    parser = arg_parser()
+    parser.parse_args(argv)   # --help and bad flags first
+    train(train_config(given_flags(parser, argv), script_defaults(parser)))
 
 
 if __name__ == "__main__":

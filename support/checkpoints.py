@@ -63,15 +63,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return make_checkpoint(net, model, VOC_CLASSES, VOC_COLORMAP, original_config(model))
 
 
-def resume_checkpoint_path(resume: str | None, out: Path, finetune_from: str | None) -> Path | None:
+def resume_checkpoint_path(resume: str | None, out: Path) -> Path | None:
     """--resume alone means OUT/last.pt; --resume PATH names the file."""
     if not resume:
         return None
     path = out / "last.pt" if resume == "auto" else Path(resume)
     if not path.is_file():
         raise UsageError(f"--resume: {path} not found; nothing to resume (drop --resume to start afresh)")
-    if finetune_from:
-        raise UsageError("--resume and --finetune-from do not go together")
     return path
 
 

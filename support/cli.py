@@ -10,13 +10,21 @@ from some_define import MODELS, STRIDE, UsageError
 
 from .data import CLASS_WEIGHT_POWERS, VOC_TAR, VOC_URL, dataset_classes
 from .checkpoints import load_checkpoint
-from .config import FIELDS, PREDICT_FIELDS, PredictConfig, TrainConfig, check_train_config, void_rule
+from .config import (DEMO_DEFAULTS, FIELDS, PREDICT_FIELDS, PredictConfig, Start, TrainConfig, check_train_config,
+                     merge_settings, void_rule)
 from .distributed import env_rank
 from .speed import try_all_gpus_or_cpu
 from .tiles import AUTO_TILE_PIXELS, DEFAULT_OVERLAP, DEFAULT_TILE, parse_tile
 
-# With --demo, every default below that the user did not set shrinks to this, so a run takes minutes on a laptop CPU.
-DEMO_TRAIN_DEFAULTS = {"crop": [64, 64], "epochs": 12, "batch_size": 8, "pretrained": "none", "device": "cpu"}
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help says it in words (what None or auto means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        # --tile takes auto, off or H W; nargs="+" alone would show "TILE [TILE ...]"
+        return "auto|off|H W" if action.dest == "tile" else super()._format_args(action, default_metavar)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -24,14 +32,14 @@ class ArgumentParser(argparse.ArgumentParser):
     (--epoch would silently mean --epochs)."""
 
     def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message: str):
         self.exit(2, None if env_rank() else f"error: {message}; see --help\n")   # under torchrun, rank 0 says it once
 
 
 DEMO_CHANGES = ", ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                         for k, v in DEMO_TRAIN_DEFAULTS.items())
+                         for k, v in DEMO_DEFAULTS.items())
 # The flags both kinds of script take, each defined once: (argparse settings, help in training, help in prediction).
 SHARED_FLAGS = {
     "--voc-dir": (dict(dest="data_dir", metavar="DIR"),
@@ -43,8 +51,8 @@ SHARED_FLAGS = {
                f"changes the defaults to {DEMO_CHANGES}", "use the built-in synthetic data"),
     "--classes": (dict(metavar="FILE"),
                   "your dataset's classes, one per line: 'name' or 'name R G B' (R G B: integers 0..255; a name may "
-                  "hold spaces, and without a colour it must not end in a number); index = line number; no colours: "
-                  "VOC's palette; default: VOC's 21",
+                  "hold spaces, and without a colour it must not end in a number); index = line number; classes without "
+                  "colours get well-separated ones, none black; default: VOC's 21",
                   "the class file the checkpoint was trained with (checked against the classes the checkpoint "
                   "carries)"),
     "--ignore-index": (dict(type=int, metavar="K"), "label value K is void like 255 (e.g. CamVid's 'unlabelled' 11)",
@@ -70,8 +78,8 @@ def add_shared(group, flag: str, training: bool) -> None:
 
 
 def train_arg_parser(description: str, defaults: dict, choose_model: bool = True) -> argparse.ArgumentParser:
-    """The flags of both training scripts. Defaults are None here and filled in by train_config, so that --demo
-    can shrink only what the user left unset; --help shows the script's ``defaults``."""
+    """The flags of both training scripts, with the script's ``defaults`` (shown by --help); train_config merges
+    them with the flags given."""
     p = ArgumentParser(description=description)
     add_data_flags(p.add_argument_group("data"))
     add_model_flags(p.add_argument_group("model and optimizer"), choose_model)
@@ -79,14 +87,16 @@ def train_arg_parser(description: str, defaults: dict, choose_model: bool = True
     run = p.add_argument_group("run")
     add_shared(run, "--device", True)
     add_shared(run, "--threads", True)
-    run.add_argument("--seed", type=int)
+    run.add_argument("--seed", type=int, help="seed of the weights' init, the crops and their order")
     run.add_argument("--val-every", type=int, default=1, metavar="N",
                      help="validate every N epochs and after the last (validation at full resolution costs time)")
     run.add_argument("--out", help="folder for history.csv, curves.png, last.pt and best.pt")
     run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                     help="continue an interrupted run from OUT/last.pt (or CKPT)")
+                     help="continue an interrupted run from OUT/last.pt (or CKPT) with the settings it was started "
+                     "with; a flag given beside it changes that setting (said in one line), --epochs N extends the "
+                     "run to N epochs")
     add_shared(run, "--debug", True)
-    show_defaults(p, defaults)
+    p.set_defaults(**defaults)
     return p
 
 
@@ -116,24 +126,27 @@ def add_data_flags(data) -> None:
                       "training masks (rare classes count more), or its square root (a softer balance)")
     data.add_argument("--skip-bad", action="store_true",
                       help="leave out unreadable or inconsistent examples with a warning (default: stop)")
-    data.add_argument("--workers", type=int, help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "
+    data.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "
                       "where crops are cheap and workers would compete with the training threads)")
 
 
 def add_model_flags(model, choose_model: bool) -> None:
     if choose_model:   # origin_train.py trains the book's FCN only
-        model.add_argument("--model", choices=list(MODELS))
-    model.add_argument("--pretrained", help="imagenet, none, or a path to resnet18-f37072fd.pth")
-    model.add_argument("--optimizer", choices=["sgd", "adam"])
-    model.add_argument("--lr", type=float)
+        model.add_argument("--model", choices=list(MODELS), help="the network: the book's FCN or the U-Net of the "
+                           "same ResNet-18")
+    model.add_argument("--pretrained", metavar="WHICH", help="the ResNet-18's starting weights: imagenet, none "
+                       "(random init), or a path to resnet18-f37072fd.pth")
+    model.add_argument("--optimizer", choices=["sgd", "adam"], help="sgd: plain SGD, no momentum (the book's); adam")
+    model.add_argument("--lr", type=float, help="learning rate (of the first epoch, with --lr-schedule poly)")
     model.add_argument("--lr-schedule", choices=["constant", "poly"],
                        help="constant: the book's; poly: lr x (1 - done/epochs)^0.9, lowered once per epoch "
                        "(torchvision's segmentation reference lowers it every iteration)")
     model.add_argument("--wd", type=float, help="weight decay")
     model.add_argument("--loss", choices=["sum", "mean"],
                        help="sum: the book's per-image mean cross-entropy summed over the batch; mean: over pixels")
-    model.add_argument("--epochs", type=int)
-    model.add_argument("--batch-size", type=int)
+    model.add_argument("--epochs", type=int, help="epochs of this run (of a fine-tune: on top of its base run's)")
+    model.add_argument("--batch-size", type=int, help="images per optimizer step; under torchrun the global batch, "
+                       "split evenly over the processes")
     model.add_argument("--finetune-from", metavar="CKPT",
                        help="start from this checkpoint's weights with a fresh optimizer; the history continues "
                        "(a .pth file of the original repository works too)")
@@ -146,59 +159,77 @@ def add_speed_flags(speed) -> None:
                        help="NHWC memory format (auto: on CUDA, and on the CPU with bf16)")
     speed.add_argument("--data-on-device", choices=auto, default="auto",
                        help="keep the uint8 training split in GPU memory and crop there (auto: on CUDA if it fits)")
-    speed.add_argument("--accum-steps", type=int, default=1,
+    speed.add_argument("--accum-steps", type=int, default=1, metavar="N",
                        help="gradient accumulation: each step sees accum-steps batches of --batch-size")
     speed.add_argument("--compile", action="store_true", help="torch.compile the model")
     speed.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                        help="under torchrun, BatchNorm statistics over the global batch")
 
 
-def show_defaults(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    """Add each flag's default to its help: the script's value for flags filled in later, argparse's otherwise."""
-    for action in parser._actions:
-        if action.help in (None, argparse.SUPPRESS) and action.dest != "help":
-            action.help = ""
-        if "default" in action.help or action.dest == "help":
-            continue
-        if action.dest in defaults and action.default is None:
-            value = defaults[action.dest]
-            shown = "auto" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
-            action.help = f"{action.help} (default: {shown})".strip()
-        elif action.default not in (None, False, argparse.SUPPRESS):
-            action.help = f"{action.help} (default: %(default)s)".strip()
+UNSET = object()
 
 
-DATA_FLAGS = ("data_dir", "demo", "classes", "ignore_index")   # what a fine-tune or a resume takes from its checkpoint
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """The training settings given on the command line, and only those: argparse fills in a default only where the
+    namespace it is handed has no value yet."""
+    given = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(FIELDS, UNSET)))
+    return {key: value for key, value in vars(given).items() if key in FIELDS and value is not UNSET}
 
 
-def inherit_data_flags(flags: dict, out: str) -> dict:
-    """--finetune-from and --resume train on the checkpoint's dataset, classes and void label unless any of
-    --voc-dir, --demo, --classes or --ignore-index is given."""
-    resume = flags.get("resume")
-    start = flags.get("finetune_from") or (resume and (Path(out) / "last.pt" if resume == "auto" else resume))
-    if not start or any(flags.get(key) is not None and flags.get(key) is not False for key in DATA_FLAGS) \
-            or not Path(start).is_file():
-        return flags   # a missing file is reported where the run opens it
-    config = load_checkpoint(start).get("config", {})
-    inherited = {key: config.get(key, False if key == "demo" else None) for key in DATA_FLAGS}
-    data = "the synthetic demo data" if inherited["demo"] else inherited["data_dir"] or "VOC2012"
-    if env_rank() == 0:
-        print(f"note: training on the data of {start}: {data}, classes {inherited['classes'] or 'VOC'}, ignore "
-              f"index {inherited['ignore_index']} (--voc-dir, --demo, --classes or --ignore-index to choose others)")
-    return dict(flags, **inherited)
+def script_defaults(parser: argparse.ArgumentParser) -> dict:
+    """Every training setting's default, as the script's parser holds it (its DEFAULTS and the flags' own)."""
+    return {key: parser.get_default(key) for key in FIELDS}
 
 
-def train_config(flags: dict, defaults: dict) -> TrainConfig:
-    """The run's configuration: the flags given, then what the checkpoint a run starts from says of its data, then
-    the script's defaults (shrunk by --demo); checked."""
-    given = {key: value for key, value in flags.items() if key in FIELDS and value is not None}
-    given = inherit_data_flags(given, given.get("out") or defaults["out"])
-    values = {**defaults, **(DEMO_TRAIN_DEFAULTS if given.get("demo") else {}), **given}
+def starting_checkpoint(given: dict, defaults: dict, preset: dict) -> Start | None:
+    """The checkpoint that --resume continues (OUT/last.pt, or the file named) or --finetune-from starts from."""
+    finetune = given.get("finetune_from") or preset.get("finetune_from")
+    if given.get("resume"):
+        if given.get("finetune_from"):
+            raise UsageError("--resume and --finetune-from do not go together")
+        out = given.get("out") or preset.get("out") or defaults["out"]
+        path = Path(out) / "last.pt" if given["resume"] == "auto" else Path(given["resume"])
+        if not path.is_file():
+            raise UsageError(f"--resume: {path} not found; nothing to resume (drop --resume to start afresh)")
+        return Start("resume", str(path), load_checkpoint(path).get("config", {}))
+    if finetune and Path(finetune).is_file():   # a missing file is reported where the run opens it
+        return Start("finetune", finetune, load_checkpoint(finetune).get("config", {}))
+    return None
+
+
+def say_start(start: Start, given: dict) -> None:
+    """One line on what a fine-tune takes from its checkpoint, or what a resume changes of the run it continues."""
+    if start.how == "finetune":
+        taken = {key: value for key, value in start.settings().items() if key not in given}
+        if taken:
+            data = "the synthetic demo data" if taken.get("demo") else taken.get("data_dir") or "VOC2012"
+            print(f"note: training on the data of {start.path}: {data}, classes {taken.get('classes') or 'VOC'}, "
+                  f"ignore index {taken.get('ignore_index')} (--voc-dir, --demo, --classes or --ignore-index to "
+                  f"choose others)")
+        return
+    taken = start.settings()
+    changed = [f"--{key.replace('_', '-')} {shown(given[key])} (was {shown(taken[key])})"
+               for key in given if key in taken and given[key] != taken[key]]
+    if changed:
+        print(f"note: resuming {start.path} with other settings than it started with: {', '.join(changed)}")
+
+
+def shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def train_config(given: dict, defaults: dict, preset: tuple[str, dict] | None = None) -> TrainConfig:
+    """The run's configuration, merged once (merge_settings: DEFAULTS < demo < preset < checkpoint < flags given),
+    with the number of loader workers and the void rule settled; checked."""
+    start = starting_checkpoint(given, defaults, preset[1] if preset else {})
+    if start and env_rank() == 0:
+        say_start(start, given)
+    values, origins = merge_settings(defaults, given, preset, start)
     if values.get("workers") is None:
         values["workers"] = min(4, os.cpu_count() or 1) if try_all_gpus_or_cpu(values["device"]).type == "cuda" else 0
     first_class = dataset_classes(values.get("classes"))[0][0]
     values["void"] = void_rule(values["void"], given.get("void"), first_class)
-    config = TrainConfig(**{key: values.get(key) for key in FIELDS})
+    config = TrainConfig(**{key: values.get(key) for key in FIELDS}, origins=origins)
     check_train_config(config)
     return config
 
@@ -212,7 +243,7 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     p.add_argument("--split", help="split to show or evaluate (default: the checkpoint's validation split)")
     add_shared(p, "--classes", False)
     add_shared(p, "--ignore-index", False)
-    p.add_argument("--num", type=int, default=4, help="images in the figure")
+    p.add_argument("--num", type=int, default=4, metavar="N", help="how many images of the split the figure shows")
     p.add_argument("--figure", default=figure, help="where the figure is written")
     p.add_argument("--eval", action="store_true", help="full-resolution metrics over the whole split")
     p.add_argument("--metrics", help="JSON file for --eval (default: metrics_SPLIT.json next to the checkpoint)")
@@ -228,16 +259,17 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
                      "size; classes, colours and normalisation in its metadata), checked with ONNX Runtime on sample "
                      "images of the checkpoint's split, and stop (pip install -r requirements-onnx.txt)")
     own = p.add_argument_group("your own images")
-    own.add_argument("--images", nargs="+", metavar="PATH", help="predict these image files, folders or globs "
-                     "(JPEG/PNG, any size) instead of a dataset split")
+    own.add_argument("--images", nargs="+", metavar="PATH", help="predict these image files, folders or globs, of "
+                     "any size, instead of a dataset split: a folder gives the JPEG, PNG, WebP, BMP, GIF and TIFF "
+                     "files directly inside it; a file or glob may be any image Pillow reads")
     own.add_argument("--save-dir", default="predictions", help="where --images writes NAME.png (class indices as a "
                      "palette PNG) and NAME_overlay.jpg")
     own.add_argument("--tta", action="store_true", help="with --images or --serve: average the logits with those "
                      "of the mirrored image")
-    own.add_argument("--tile", nargs="+", metavar=("auto|off|H", "W"),
-                     help=f"predict in overlapping H x W windows (multiples of {STRIDE}) whose logits are blended, so "
-                     f"any size fits in bounded memory; off: the whole image at once; default: auto, i.e. "
-                     f"{DEFAULT_TILE[0]} {DEFAULT_TILE[1]} for images above {AUTO_TILE_PIXELS / 2**20:g} Mpixel")
+    own.add_argument("--tile", nargs="+", help=f"auto (the default): {DEFAULT_TILE[0]} x {DEFAULT_TILE[1]} windows "
+                     f"for images above {AUTO_TILE_PIXELS / 2**20:g} Mpixel, smaller ones whole; off: the whole image "
+                     f"at once; H W: overlapping H x W windows (multiples of {STRIDE}) whose logits are blended, so "
+                     f"any size fits in bounded memory")
     own.add_argument("--tile-overlap", type=float, metavar="F",
                      help=f"fraction of a window shared with its neighbour, at least: the step between windows is "
                      f"rounded down to a multiple of {STRIDE} (default: {DEFAULT_OVERLAP})")
@@ -250,7 +282,6 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     web.add_argument("--max-upload-mb", type=float, default=25, metavar="MB", help="larger uploads are refused")
     web.add_argument("--max-waiting", type=int, default=4, metavar="N",
                      help="requests that may wait for the model (one runs at a time); more are refused as busy")
-    show_defaults(p, {})
     return p
 
 

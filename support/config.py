@@ -1,9 +1,10 @@
-"""The run configurations: what a training run or a prediction is told, built once in a script's main from its
-DEFAULTS and flags; a training run's is stored in every checkpoint as plain values."""
+"""The run configurations: what a training run or a prediction is told, built once in a script's main; a training
+run's settings are merged once, in merge_settings, and stored in every checkpoint as plain values."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import dataclass, field
 
 from some_define import STRIDE, VOID, UsageError
 
@@ -54,10 +55,12 @@ class TrainConfig:
     val_every: int
     out: str
     resume: str | None
+    # where each setting that is not the script's default came from: not a setting, not stored
+    origins: dict = field(default_factory=dict, compare=False, repr=False)
 
     def plain(self) -> dict:
         """As a checkpoint stores it: plain values only (loadable with weights_only=True)."""
-        return dataclasses.asdict(self)
+        return {key: getattr(self, key) for key in FIELDS}
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class PredictConfig:
     compare_figure: str | None = None
 
 
-FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "origins")
 PREDICT_FIELDS = tuple(f.name for f in dataclasses.fields(PredictConfig))
 
 # Checkpoints written before TrainConfig stored the training script's argparse namespace: its keys, once, here.
@@ -105,6 +108,47 @@ def stored_config(config: dict) -> dict:
     """A checkpoint's config in TrainConfig's names (older checkpoints: renamed keys, flags of no run dropped)."""
     renamed = {RENAMED.get(key, key): value for key, value in config.items()}
     return {key: value for key, value in renamed.items() if key in FIELDS or key == "source"}
+
+
+# With --demo, every default below that the user did not set shrinks to this, so a run takes minutes on a laptop CPU.
+DEMO_DEFAULTS = {"crop": [64, 64], "epochs": 12, "batch_size": 8, "pretrained": "none", "device": "cpu"}
+# A fine-tune trains on its checkpoint's data; a resume continues the whole run, but for how it runs here and now.
+FINETUNE_TAKES = ("data_dir", "demo", "classes", "ignore_index")
+RESUME_LEAVES = ("device", "threads", "workers", "out", "resume")
+
+
+@dataclass(frozen=True)
+class Start:
+    """The checkpoint a run starts from: ``how`` is 'resume' or 'finetune'; ``config`` its stored settings."""
+    how: str
+    path: str
+    config: dict
+
+    def settings(self) -> dict:
+        """What the run takes from it: every training setting for a resume, the data settings for a fine-tune."""
+        if self.how == "finetune":
+            return {key: self.config.get(key, False if key == "demo" else None) for key in FINETUNE_TAKES}
+        taken = {key: value for key, value in self.config.items() if key in FIELDS and key not in RESUME_LEAVES}
+        return dict(taken, out=str(Path(self.path).parent))   # it goes on writing beside its last.pt
+
+
+def merge_settings(defaults: dict, given: dict, preset: tuple[str, dict] | None = None,
+                   start: Start | None = None) -> tuple[dict, dict]:
+    """A run's settings, each from the last of these that has it: the script's DEFAULTS < the demo's (when the run
+    is a demo) < the preset's < the checkpoint's it resumes or fine-tunes from < the flags given. Returns the
+    values and, for each value that is not a default, where it came from."""
+    name, preset_values = preset or ("", {})
+    taken = start.settings() if start else {}
+    demo = given.get("demo", taken.get("demo", preset_values.get("demo", defaults.get("demo", False))))
+    layers = [("default", defaults), ("--demo", DEMO_DEFAULTS if demo else {}), (f"preset {name}", preset_values),
+              (start and f"{start.path}", taken), ("flag", given)]
+    values, origins = {}, {}
+    for origin, layer in layers:
+        for key, value in layer.items():
+            values[key] = value
+            if origin != "default":
+                origins[key] = origin
+    return values, origins
 
 
 def check_train_config(c: TrainConfig) -> None:

@@ -12,8 +12,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from some_define import (VOC_CLASSES, VOC_COLORMAP, VOID, RandomCropBatchSampler, SegDataset, UsageError,
-                         collate_crops, read_image, read_label, voc_colormap2label, voc_split_files)
+from some_define import (VOC_CLASSES, VOC_COLORMAP, VOID, VOID_COLOR, RandomCropBatchSampler, SegDataset,
+                         UsageError, collate_crops, read_image, read_label, voc_colormap2label, voc_split_files)
 
 from .errors import naming_flags
 
@@ -34,6 +34,39 @@ def voc_palette() -> list[int]:
             c >>= 3
         palette += [r, g, b]
     return palette
+
+
+SRGB_TO_XYZ = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+
+
+def cielab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB colours (N x 3, 0..255) in CIELAB (D65), where distances follow what the eye sees; in RGB, blues that
+    look alike are far apart and greens that look different are close."""
+    c = rgb / 255
+    xyz = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92) @ SRGB_TO_XYZ.T / D65_WHITE
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], axis=1)
+
+
+def distinct_colours(count: int) -> list[list[int]]:
+    """The colours of classes that a class file names without one: each in turn the colour of a 16-level RGB grid
+    farthest (in CIELAB) from black, white, the void colour and the colours before it (Glasbey et al., "Colour
+    displays for categorical images", 2007). VOC's palette, used before, made class 0 black (a swatch lost in the
+    legend, an overlay that darkens the photo) and gives neighbouring indices near shades (CamVid's building and
+    car: two reds); these are far from black, white and void, and the first 21 at least 40 CIELAB units apart
+    (VOC's colours: 8.8), the first 40 at least 29; any number up to 255 comes out distinct."""
+    levels = np.linspace(0, 255, 16).round()
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    lab = cielab(grid)
+    avoided = cielab(np.array([(0, 0, 0), (255, 255, 255), VOID_COLOR], dtype=float))
+    distance = np.linalg.norm(lab[:, None] - avoided[None], axis=2).min(axis=1)
+    colours = []
+    for _ in range(count):
+        pick = int(distance.argmax())
+        colours.append([int(v) for v in grid[pick]])
+        distance = np.minimum(distance, np.linalg.norm(lab - lab[pick], axis=1))
+    return colours
 
 
 def is_voc_dir(path: Path) -> bool:
@@ -120,19 +153,19 @@ def class_line(path: str | os.PathLike, number: int, line: str, default_color: l
 
 def read_classes(path: str | os.PathLike) -> tuple[list[str], list[list[int]]]:
     """A class file: one class per line, ``name`` or ``name R G B``; a class's index is its line number.
-    Classes without a colour get VOC's palette colour of their index, so a plain list of names draws like VOC."""
+    A class without a colour gets distinct_colours' colour of its index."""
     try:
         lines = Path(path).read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--classes {path}: cannot read it ({e})")
     while lines and not lines[-1].strip():
         lines.pop()
-    palette = voc_palette()
+    palette = distinct_colours(len(lines))
     names, colormap = [], []
     for index, line in enumerate(lines):
         if not line.strip():   # a blank line would silently shift every later index
             raise UsageError(f"{path}, line {index + 1}: empty; each line is a class and its index is the line number")
-        name, color = class_line(path, index + 1, line, palette[3 * index:3 * index + 3])
+        name, color = class_line(path, index + 1, line, palette[index])
         names.append(name)
         colormap.append(color)
     if not 1 <= len(names) < VOID:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -15,6 +14,7 @@ from some_define import UsageError
 from .data import VOC_TAR, VOC_URL, is_voc_dir, recognise_layout
 from .demo import make_demo_voc
 from .distributed import env_world_size
+from .files import new_folder_removed_on_failure
 
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 
@@ -70,14 +70,13 @@ def extract_voc_tar(tar_path: Path, root: Path) -> Path:
     in one rename: a failure leaves no half-extracted tree that could pass for the dataset."""
     # Python's "data" filter refuses absolute paths, "..", links out of the tree and device files.
     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extracting-"))
-    try:
+    with tempfile.TemporaryDirectory(dir=root, prefix=".extracting-", ignore_cleanup_errors=True) as tmp:
         try:
             with tarfile.open(tar_path) as tar:
                 tar.extractall(tmp, **safe)
         except (tarfile.TarError, OSError) as e:
             raise UsageError(f"{tar_path}: cannot extract it ({e}); nothing was extracted")
-        extracted, target = tmp / "VOCdevkit" / "VOC2012", root / "VOCdevkit" / "VOC2012"
+        extracted, target = Path(tmp) / "VOCdevkit" / "VOC2012", root / "VOCdevkit" / "VOC2012"
         if not is_voc_dir(extracted):
             raise UsageError(f"{tar_path}: it holds no VOCdevkit/VOC2012 with JPEGImages/, SegmentationClass/ and "
                              f"ImageSets/Segmentation/; nothing was extracted")
@@ -88,26 +87,24 @@ def extract_voc_tar(tar_path: Path, root: Path) -> Path:
             raise UsageError(f"{target} exists but is not a complete VOC2012 ({e.strerror}); move it away and run "
                              f"again")
         return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def download_voc(root: str | os.PathLike, url: str = VOC_URL, md5: str | None = None) -> Path:
     """Fetch VOC_TAR into ``root`` (resuming a partial download), check its MD5 (``md5``, default VOC_MD5) and
     extract it; return root/VOCdevkit/VOC2012. The tar is kept (2 GB; delete it once extracted if space is short)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tar_path = root / VOC_TAR
-    if not tar_path.is_file():
-        print(f"downloading {url} into {root}")
-        download_file(url, tar_path)
-    expected = md5 or VOC_MD5
-    print(f"checking the MD5 of {tar_path} ...")
-    actual = file_md5(tar_path)
-    if actual != expected:
-        tar_path.unlink()   # a wrong complete file cannot be resumed: the next run must fetch it afresh
-        raise UsageError(f"{tar_path}: MD5 {actual} is not the expected {expected}; removed it, run again to "
-                         f"download it afresh (or try another --mirror URL)")
+    root, tar_path = Path(root), Path(root) / VOC_TAR
+    with new_folder_removed_on_failure(root):   # kept once it holds a .part to resume from
+        root.mkdir(parents=True, exist_ok=True)
+        if not tar_path.is_file():
+            print(f"downloading {url} into {root}")
+            download_file(url, tar_path)
+        expected = md5 or VOC_MD5
+        print(f"checking the MD5 of {tar_path} ...")
+        actual = file_md5(tar_path)
+        if actual != expected:
+            tar_path.unlink()   # a wrong complete file cannot be resumed: the next run must fetch it afresh
+            raise UsageError(f"{tar_path}: MD5 {actual} is not the expected {expected}; removed it, run again to "
+                             f"download it afresh (or try another --mirror URL)")
     print(f"extracting {tar_path} ...")
     return extract_voc_tar(tar_path, root)
 

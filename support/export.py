@@ -13,14 +13,17 @@ from torch import nn
 
 from some_define import VOID, Speed, UsageError, colormap_lut, label2image, read_image
 
-from .files import atomic_write, check_writable_dir
+from .files import atomic_write, check_writable_dir, new_folder_removed_on_failure
 from .tiles import DEFAULT_OVERLAP, Tile, predict_any_size
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# What a folder given to --images is searched for: the formats the page (support/serve.py) takes. A file named
+# directly or matched by a glob may be anything Pillow reads.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def collect_image_paths(patterns: Sequence[str]) -> list[Path]:
-    """Files as given, the JPEG/PNG files directly inside folders, and glob matches; in order, without repeats."""
+    """Files as given, the image files (IMAGE_SUFFIXES) directly inside folders, and glob matches; in order, without
+    repeats."""
     paths: list[Path] = []
     for pattern in patterns:
         path = Path(pattern)
@@ -108,29 +111,37 @@ def predict_files(net: nn.Module, checkpoint: dict, patterns: Sequence[str], sav
                    speed: Speed = Speed()) -> None:
     """For every image file, SAVE_DIR/NAME.png and SAVE_DIR/NAME_overlay.jpg at the input's full size, one image at
     a time, a large one in tiles (``tile``, ``overlap``: see support/tiles.py). An unreadable file is reported on
-    one line and skipped; the exit code is 2 at the end."""
+    one line and skipped; the exit code is 2 at the end. A SAVE_DIR made by a run that wrote nothing is removed."""
     from tqdm import tqdm
     images = collect_image_paths(patterns)
     save_dir = Path(save_dir)
     check_prediction_paths(images, save_dir)
-    check_writable_dir(save_dir, "--save-dir")   # before any work, not after the last image
-    class_names, colormap = checkpoint["class_names"], checkpoint["colormap"]
     failed = 0
-    for path in tqdm(images, desc="predicting", unit="image", dynamic_ncols=True, disable=not sys.stderr.isatty()):
-        try:
-            image = read_image(path, upright=True)
-        except UsageError as e:
-            tqdm.write(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        pred = predict_any_size(image, net, device, tile, overlap, speed, tta)
-        label_path, overlay_path = prediction_paths(path, save_dir)
-        save_label_png(pred, colormap, label_path)
-        overlay = overlay_with_legend(image, pred, colormap, class_names)
-        atomic_write(overlay_path, lambda tmp: overlay.save(tmp, format="JPEG", quality=90))
-    written = len(images) - failed
-    if written:
-        print(f"wrote {written} prediction{'s' * (written != 1)} (NAME.png, NAME_overlay.jpg) to {save_dir}")
-    if failed:
-        raise UsageError(f"{failed} of {len(images)} image{'s' * (len(images) != 1)} could not be read (see above)"
-                         + ("; the others were written" if written else "; nothing was written"))
+    with new_folder_removed_on_failure(save_dir):
+        check_writable_dir(save_dir, "--save-dir")   # before any work, not after the last image
+        for path in tqdm(images, desc="predicting", unit="image", dynamic_ncols=True,
+                         disable=not sys.stderr.isatty()):
+            try:
+                image = read_image(path, upright=True)
+            except UsageError as e:
+                if len(images) == 1:
+                    raise   # the only input: its problem is the run's one line
+                tqdm.write(f"error: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            write_prediction(image, predict_any_size(image, net, device, tile, overlap, speed, tta), checkpoint,
+                             *prediction_paths(path, save_dir))
+        written = len(images) - failed
+        if written:
+            print(f"wrote {written} prediction{'s' * (written != 1)} (NAME.png, NAME_overlay.jpg) to {save_dir}")
+        if failed:
+            raise UsageError(f"{failed} of {len(images)} images could not be read (see above)"
+                             + ("; the others were written" if written else "; nothing was written"))
+
+
+def write_prediction(image: torch.Tensor, pred: torch.Tensor, checkpoint: dict, label_path: Path,
+                     overlay_path: Path) -> None:
+    """NAME.png (class indices as a palette PNG) and NAME_overlay.jpg (the photo, coloured, with a legend)."""
+    save_label_png(pred, checkpoint["colormap"], label_path)
+    blended = overlay_with_legend(image, pred, checkpoint["colormap"], checkpoint["class_names"])
+    atomic_write(overlay_path, lambda tmp: blended.save(tmp, format="JPEG", quality=90))

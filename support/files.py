@@ -1,4 +1,5 @@
-"""Writing output files atomically: a crash or Ctrl-C never leaves a half-written file behind."""
+"""Writing output files atomically: a crash or Ctrl-C never leaves a half-written file behind, nor a failed command
+an empty folder it made."""
 from __future__ import annotations
 
 import csv
@@ -6,29 +7,52 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from some_define import UsageError, plt_module
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``."""
-    path = Path(path)
+@contextmanager
+def new_folder_removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """Around a block that creates the folder ``path``: if the block raises (Ctrl-C too) and the folder is empty,
+    remove it and the empty parents the block created, then re-raise; a failed command leaves no folder behind. A
+    folder that existed before, or that holds a file, is kept."""
+    path = Path(path).absolute()
+    new = [folder for folder in (path, *path.parents) if not folder.exists()]   # deepest first
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot write there ({e.strerror}); choose another output path")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
+        yield
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for folder in new:
+            try:
+                folder.rmdir()   # only ever an empty folder
+            except FileNotFoundError:
+                continue         # the block failed before making it
+            except OSError:
+                break            # not empty: then neither are its parents
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; a failure leaves neither the file nor a folder made for
+    it."""
+    path = Path(path)
+    with new_folder_removed_on_failure(path.parent):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise UsageError(f"{path}: cannot write there ({e.strerror}); choose another output path")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp makes the file private; give it the usual mode
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def current_umask() -> int:

@@ -47,14 +47,14 @@ def show_progress(bar) -> Hook:
     return hook
 
 
-def save_on_interrupt(interrupt: StopOnInterrupt, save: Callable[[dict], None], last_pt: Path, epoch: int,
+def save_on_interrupt(interrupt: StopOnInterrupt, save: Callable[[dict, float], None], last_pt: Path, epoch: int,
                       start: float) -> Hook:
-    """Ctrl-C: ``save`` the epoch so far (its totals and seconds) after this step, then stop."""
+    """Ctrl-C: ``save(totals, seconds)`` of the epoch so far after this step, then stop."""
     def hook(totals: dict, loss: float) -> None:
         if not interrupt.requested:
             return
         step = totals["steps"]   # a resumed epoch's totals count the steps done before
-        save(dict(totals, steps=step, seconds=time.perf_counter() - start))
+        save(dict(totals), time.perf_counter() - start)
         raise Interrupted(f"stopped at epoch {epoch}, step {step}, saved in {last_pt}; continue with the same "
                           f"command plus --resume")
     return hook

@@ -47,23 +47,32 @@ def split_metrics(net: nn.Module, checkpoint: dict, data: SegDataset, device: to
     return {"num_images": len(data), **metrics.compute(checkpoint["class_names"])}
 
 
+# When SegMetrics.compute gives a class no IoU (None): its union is empty, as confusion_matrix leaves void pixels out.
+ABSENT_NOTE = ("-: no pixel of the split has this class in the ground truth or in the prediction (void pixels "
+               "aside), so its IoU is 0/0; left out of miou")
+
+
 def metrics_table(columns: dict[str, dict], class_names: Sequence[str]) -> str:
-    """A readable per-class IoU table, one column per model; absent classes show as '-'."""
+    """A readable table, one column per model: each class's IoU (headed 'per-class IoU'; '-' where the class has
+    none, explained below the table), then the split's pixel accuracies and means."""
     names = list(columns)
     cell = max([10] + [len(n) for n in names]) + 2   # a column as wide as its model's name
     fmt = lambda v: f"{'-' if v is None else f'{v:.3f}':>{cell}}"
     width = max(len(c) for c in [*class_names, "d2l_pixel_acc"]) + 2
-    lines = [" " * width + "".join(f"{n:>{cell}}" for n in names)]
+    lines = [f"{'per-class IoU':<{width}}" + "".join(f"{n:>{cell}}" for n in names)]
     for c in class_names:
         lines.append(f"{c:<{width}}" + "".join(fmt(columns[n]["per_class_iou"][c]) for n in names))
     for key in ("pixel_acc", "d2l_pixel_acc", "mean_class_acc", "miou"):   # d2l_pixel_acc: with a background class
         if any(key in columns[n] for n in names):
             lines.append(f"{key:<{width}}" + "".join(fmt(columns[n].get(key)) for n in names))
+    if any(columns[n]["per_class_iou"][c] is None for n in names for c in class_names):
+        lines.append(ABSENT_NOTE)
     return "\n".join(lines)
 
 
 NETWORK_NAMES = {"fcn": "FCN", "unet": "U-Net"}
 A_NETWORK = {"fcn": "an FCN", "unet": "a U-Net"}
+SCRIPT = {"fcn": "origin_predict.py", "unet": "my_predict.py"}   # the predict script that shows each network
 
 
 def describe(checkpoint: dict, path: Path) -> str:
@@ -72,15 +81,15 @@ def describe(checkpoint: dict, path: Path) -> str:
     return f"{NETWORK_NAMES[checkpoint['model']]} from {path}{epoch}"
 
 
-def run_prediction(config: PredictConfig, network: str, strict: bool) -> None:
-    """Show, measure or write out the ``network`` of --checkpoint (another network: an error if ``strict``, else a
-    warning); with config.compare (an FCN checkpoint), side by side."""
+def run_prediction(config: PredictConfig, network: str) -> None:
+    """Show, measure or write out the ``network`` (fcn or unet) of --checkpoint; with config.compare (an FCN
+    checkpoint), side by side. A checkpoint of the other network is refused, naming the script that shows it."""
     device = try_all_gpus_or_cpu(config.device)
     set_threads(config.threads)
     threads_for_load(config.threads, device)
     path = Path(config.checkpoint)
     net, checkpoint = open_model(path, device)
-    check_network(checkpoint, network, strict, path)
+    check_network(checkpoint, network, path)
     if config.classes:
         check_classes_match(*read_classes(config.classes), checkpoint, config.classes)
     if config.convert or config.export_onnx:
@@ -104,13 +113,14 @@ def run_prediction(config: PredictConfig, network: str, strict: bool) -> None:
     draw_figures(models, data, config, device, speed)
 
 
-def check_network(checkpoint: dict, network: str, strict: bool, path: Path) -> None:
-    """The script's network, or (``strict``) an error naming the script for the other one, else a warning."""
-    if checkpoint["model"] != network:
-        message = f"{path} holds {A_NETWORK[checkpoint['model']]}, not the {NETWORK_NAMES[network]} this script shows"
-        if strict:
-            raise UsageError(f"{message}; use my_predict.py --checkpoint {path}")
-        print(f"warning: {message}")
+def check_network(checkpoint: dict, network: str, path: Path, flag: str = "--checkpoint") -> None:
+    """The ``network`` that ``flag`` takes, else one line: the file, the network it holds and the script that shows
+    it. The same rule in both scripts: each writes its own network's files (pictures/myout.png is the U-Net's),
+    and my_predict.py sets the FCN of --compare beside its U-Net."""
+    held = checkpoint["model"]
+    if held != network:
+        takes = "" if flag == "--checkpoint" else f", and {flag} takes {A_NETWORK[network]}"
+        raise UsageError(f"{path} holds {A_NETWORK[held]}{takes}; show it with {SCRIPT[held]} --checkpoint {path}")
 
 
 def write_model(config: PredictConfig, net: nn.Module, checkpoint: dict, path: Path) -> None:
@@ -126,22 +136,20 @@ def write_model(config: PredictConfig, net: nn.Module, checkpoint: dict, path: P
 
 def models_to_show(net: nn.Module, checkpoint: dict, path: Path, compare: str | None,
                    device: torch.device) -> list[Model]:
-    """The model, and before it the ``compare`` checkpoint's when that exists and predicts the same classes."""
+    """The model, and before it the FCN of the ``compare`` checkpoint when that exists and predicts the same
+    classes."""
     models = [(NETWORK_NAMES[checkpoint["model"]], net, checkpoint, path)]
     if compare and not Path(compare).is_file():
         print(f"note: no {compare}, so no comparison (train it with origin_train.py or pass --compare PATH)")
     if not (compare and Path(compare).is_file()):
         return models
     other, other_checkpoint = open_model(compare, device)
+    check_network(other_checkpoint, "fcn", Path(compare), "--compare")
     if other_checkpoint["class_names"] != checkpoint["class_names"]:
         print(f"note: {compare} predicts other classes, so no comparison (pass --compare PATH)")
         return models
     print(f"compared with {describe(other_checkpoint, Path(compare))}")
-    models.insert(0, (NETWORK_NAMES[other_checkpoint["model"]], other, other_checkpoint, Path(compare)))
-    if models[0][0] == models[1][0]:   # the same network twice: tell the rows apart by their files
-        print(f"warning: both checkpoints hold {A_NETWORK[checkpoint['model']]}")
-        models = [(f"{label} ({p.parent.name}/{p.name})", *rest, p) for label, *rest, p in models]
-    return models
+    return [(NETWORK_NAMES["fcn"], other, other_checkpoint, Path(compare)), *models]
 
 
 def evaluate_models(models: list[Model], data: SegDataset, split: str, config: PredictConfig,

@@ -17,44 +17,54 @@ from .figures import prediction_figure, study_curves
 from .files import read_json, save_figure, write_json, write_text
 from .prediction import open_model, split_metrics
 from .speed import inference_speed, try_all_gpus_or_cpu
+from .checkpoints import load_checkpoint
 from .training import train
 
 
-def preset_config(flags: dict, name: str, out: Path, presets: dict, defaults: dict,
+def preset_config(given: dict, name: str, out: Path, presets: dict, defaults: dict,
                   finetune_epochs: int) -> TrainConfig:
-    """The configuration of one preset: the user's flags win, then the preset, then the defaults."""
-    preset = dict(presets[name])
+    """The configuration of one preset, trained into OUT/NAME: the preset is a layer of the merge (the flags given
+    win over it); under --study --resume, only a preset that was interrupted resumes."""
+    preset = dict(presets[name], out=str(out / name))
     then = preset.pop("then", None)
     preset.pop("only_with_background", None)
-    flags = dict(flags, out=str(out / name))
     if then:
-        flags["finetune_from"] = str(out / then / "last.pt")
-        if flags.get("epochs") is None:
-            flags["epochs"] = finetune_epochs
-    return train_config(flags, dict(defaults, **preset))
+        preset.update(finetune_from=str(out / then / "last.pt"), epochs=finetune_epochs)
+    given = {key: value for key, value in given.items() if key != "out"}   # --out is the folder of all presets
+    if given.get("resume") == "auto" and finished_or_new(out / name):
+        del given["resume"]
+    return train_config(given, defaults, (name, preset))
 
 
-def train_preset(flags: dict, name: str, out: Path, presets: dict, defaults: dict, finetune_epochs: int) -> None:
+def finished_or_new(folder: Path) -> bool:
+    """No run in ``folder`` to resume: none was started, or it finished (its last.pt keeps weights only)."""
+    path = folder / "last.pt"
+    return not path.is_file() or "optimizer" not in load_checkpoint(path)
+
+
+def train_preset(given: dict, name: str, out: Path, presets: dict, defaults: dict, finetune_epochs: int) -> None:
     """Train a preset into OUT/NAME (first the preset it fine-tunes, if that has not been trained yet)."""
     then = presets[name].get("then")
     if then and not (out / then / "last.pt").is_file():
-        train_preset(flags, then, out, presets, defaults, finetune_epochs)
-    config = preset_config(flags, name, out, presets, defaults, finetune_epochs)
+        train_preset(given, then, out, presets, defaults, finetune_epochs)
+    config = preset_config(given, name, out, presets, defaults, finetune_epochs)
     print(f"=== preset {name}")
     train(config)
 
 
-def evaluate_preset(flags: dict, name: str, out: Path, presets: dict, defaults: dict, finetune_epochs: int,
+def evaluate_preset(given: dict, name: str, out: Path, presets: dict, defaults: dict, finetune_epochs: int,
                     val_set, device: torch.device, speed: Speed) -> tuple[dict, nn.Module]:
-    """A preset's eval.json (trained and measured first unless it exists: a finished preset is skipped on a rerun)
-    and its network."""
+    """A preset's eval.json (trained first unless it finished before, and measured, unless eval.json exists: a rerun
+    skips finished presets) and its network."""
     result_path = out / name / "eval.json"
     done = result_path.is_file()
     started = time.perf_counter()
     if done:
         print(f"=== preset {name}: done before, skipped ({result_path})")
+    elif (out / name / "last.pt").is_file() and finished_or_new(out / name):
+        print(f"=== preset {name}: trained before, evaluating {out / name / 'last.pt'}")
     else:
-        train_preset(flags, name, out, presets, defaults, finetune_epochs)
+        train_preset(given, name, out, presets, defaults, finetune_epochs)
     net, checkpoint = open_model(out / name / "last.pt", device)
     if not done:
         metrics = split_metrics(net, checkpoint, val_set, device, 8, speed)
@@ -63,12 +73,12 @@ def evaluate_preset(flags: dict, name: str, out: Path, presets: dict, defaults: 
     return read_json(result_path), net
 
 
-def run_study(flags: dict, presets: dict, defaults: dict, finetune_epochs: int, pictures: str | None = None,
+def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, pictures: str | None = None,
               num: int = 4) -> None:
     """Train and evaluate every preset that makes sense for the dataset; write study.md, study.png and
     study_curves.png."""
-    base = train_config(flags, defaults)   # the data and the device every preset shares
-    out = Path(flags.get("out") or "runs/study")
+    out = Path(given.get("out", "runs/study"))
+    base = train_config({key: value for key, value in given.items() if key != "resume"}, defaults)   # the shared data
     device = try_all_gpus_or_cpu(base.device)
     speed = inference_speed(base.amp, device)
     data_dir = find_data(base.data_dir, base.demo, base.download, base.mirror)
@@ -79,7 +89,7 @@ def run_study(flags: dict, presets: dict, defaults: dict, finetune_epochs: int, 
         if preset.get("only_with_background") and class_names[0] != "background":
             print(f"=== preset {name}: left out, class 0 is {class_names[0]!r}, not a background")
             continue
-        row, net = evaluate_preset(flags, name, out, presets, defaults, finetune_epochs, val_set, device, speed)
+        row, net = evaluate_preset(given, name, out, presets, defaults, finetune_epochs, val_set, device, speed)
         rows.append(row)
         models.append((name, net))
     pictures = Path(pictures) if pictures else study_pictures_dir(base.demo, data_dir)

@@ -24,23 +24,22 @@ from .distributed import DistributedContext, wrap_for_training
 from .download import find_data
 from .errors import StopOnInterrupt, naming_flags
 from .figures import plot_curves
-from .files import check_writable_dir, link_or_copy, save_figure, write_history
+from .files import check_writable_dir, link_or_copy, new_folder_removed_on_failure, save_figure, write_history
 from .hooks import each, progress_bar, save_on_interrupt, show_progress, stop_if_not_finite, watch_load
 from .speed import (bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed, set_threads,
                     threads_for_load, train_flops_per_image)
 from .steps import make_criterion, make_step
 
 
-@dataclass
-class Run:
-    """What a training run holds between its steps."""
+@dataclass(frozen=True)
+class Parts:
+    """What a run decides once and trains with: its data, network, optimizer and step, on its device."""
     config: TrainConfig
     ctx: DistributedContext
     log: Callable
     class_names: list[str]
     colormap: list[list[int]]
     class_weights: list[float] | None
-    train_set: SegDataset
     val_share: SegDataset      # this process's share of the val split: every image counted once over the processes
     speed: Speed
     net: nn.Module
@@ -50,18 +49,41 @@ class Run:
     sampler: RandomCropBatchSampler
     batches: Callable[[], Iterator]
     flops: float | None
+
+
+@dataclass(frozen=True)
+class MidEpoch:
+    """An epoch stopped by Ctrl-C: its steps done, the running totals of train_epoch and the seconds it took. A
+    checkpoint keeps it as ``step`` and ``partial``."""
+    epoch: int
+    totals: dict
+    seconds: float
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> MidEpoch | None:
+        if not state.get("partial"):
+            return None
+        partial = dict(state["partial"])
+        return cls(state["epoch"] + 1, dict(partial, steps=state["step"]), partial.pop("seconds"))
+
+    def to_checkpoint(self) -> dict:
+        return {"step": self.totals["steps"], "partial": dict(self.totals, seconds=self.seconds)}
+
+
+@dataclass
+class Run:
+    """What changes while a run trains: the history, the epochs still to train and the best val mIoU so far."""
+    parts: Parts
     history: list[dict]
     first_epoch: int
     last_epoch: int
     run_start: int             # the first epoch this run trained itself: a fine-tune's best.pt is the best of its own
-    skip_steps: int = 0        # steps of first_epoch that an interrupted run already did
-    partial: dict | None = None
-    seconds_before: float = 0.0
-    best: float = field(default=-1.0)
+    resumed: MidEpoch | None = None
+    best: float = -1.0
 
     @property
     def out(self) -> Path:
-        return Path(self.config.out)
+        return Path(self.parts.config.out)
 
 
 def seed_everything(seed: int) -> None:
@@ -99,8 +121,9 @@ def starting_point(config: TrainConfig, class_names: list[str], resume: Path | N
     return keep_transposed_convs_fp32_on_cpu(net), state, list(state.get("history", []))
 
 
-def set_up(config: TrainConfig) -> tuple[Run, dict | None, Path | None]:
-    """Threads, processes, seed, data, criterion, network, optimizer and sampler of a run; the checkpoint to resume."""
+def set_up(config: TrainConfig) -> tuple[Parts, dict | None, list[dict]]:
+    """Threads, processes, seed, data, criterion, network, optimizer and sampler of a run; the checkpoint it starts
+    from and the history it continues."""
     set_threads(config.threads)
     ctx = DistributedContext(config.device)
     seed_everything(config.seed)
@@ -108,59 +131,74 @@ def set_up(config: TrainConfig) -> tuple[Run, dict | None, Path | None]:
     data_dir = find_data(config.data_dir, config.demo, config.download, config.mirror)   # before OUT is made
     if ctx.is_main:
         check_writable_dir(Path(config.out), "--out")
-    if config.batch_size % ctx.world_size:
-        raise UsageError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over "
-                         f"{ctx.world_size} processes")
+    check_global_batch(config.batch_size, ctx.world_size)
     threads_for_load(config.threads, ctx.device, ctx.world_size, log)
     train_set, val_set, class_names, colormap = read_data(config, data_dir, log)
     speed, data_on_device = resolve_speed(config.amp, config.channels_last, config.data_on_device, ctx.device,
                                           train_set.nbytes())
     loss, weights = make_criterion(config, train_set, class_names, ctx.device, log)
-    resume = resume_checkpoint_path(config.resume, Path(config.out), config.finetune_from)
-    net, state, history = starting_point(config, class_names, resume)
+    net, state, history = starting_point(config, class_names, resume_checkpoint_path(config.resume, Path(config.out)))
     flops = train_flops_per_image(net.to(ctx.device), tuple(config.crop), ctx.device) \
         if ctx.device.type == "cuda" else None
     net = wrap_for_training(net, ctx, speed.channels_last, config.sync_bn, config.compile)
     optimizer = make_optimizer(config.optimizer, net.parameters(), config.lr, config.wd)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=speed.amp_dtype == torch.float16)
     step = make_step(loss, speed, scaler if scaler.is_enabled() else None, config.accum_steps, ctx.world_size)
-    with naming_flags("lower --batch-size (or --accum-steps)"):
-        sampler = RandomCropBatchSampler(train_set, config.batch_size * config.accum_steps, seed=config.seed,
-                                         rank=ctx.rank, world_size=ctx.world_size, scales=config.scale,
-                                         hflip=config.hflip)
+    sampler = crop_sampler(config, train_set, ctx)
     batches = training_batches(train_set, sampler, ctx.device, data_on_device, config.workers)
+    parts = Parts(config, ctx, log, class_names, colormap, weights, val_set.shard(ctx.rank, ctx.world_size), speed,
+                  net, optimizer, scaler, step, sampler, batches, flops)
+    log_settings(parts, data_on_device)
+    return parts, state, history
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise UsageError(f"--batch-size {batch_size} is the global batch and must divide evenly over {world_size} "
+                         f"processes")
+
+
+def crop_sampler(config: TrainConfig, train_set: SegDataset, ctx: DistributedContext) -> RandomCropBatchSampler:
+    """The random crops of every step: this process's share of each batch, the same keys for a seed and epoch."""
+    with naming_flags("lower --batch-size (or --accum-steps)"):
+        return RandomCropBatchSampler(train_set, config.batch_size * config.accum_steps, seed=config.seed,
+                                      rank=ctx.rank, world_size=ctx.world_size, scales=config.scale,
+                                      hflip=config.hflip)
+
+
+def log_settings(parts: Parts, data_on_device: bool) -> None:
+    """The configuration, each value not the script's default marked with where it came from, and the device."""
+    c, amp = parts.config, str(parts.speed.amp_dtype).replace("torch.", "") if parts.speed.amp_dtype else "off"
+    parts.log("config: " + ", ".join(f"{k}={v}" + (f" ({c.origins[k]})" if k in c.origins else "")
+                                     for k, v in sorted(c.plain().items())))
+    parts.log(f"device {parts.ctx.device} x {parts.ctx.world_size} process(es); amp {amp}, channels_last "
+              f"{parts.speed.channels_last}, data on device {data_on_device}, {c.batch_size * c.accum_steps} images "
+              f"per step")
+
+
+def new_run(parts: Parts, history: list[dict]) -> Run:
+    """A fresh run or a fine-tune: its epochs follow the history it continues."""
     first = history[-1]["epoch"] + 1 if history else 1
-    run = Run(config, ctx, log, class_names, colormap, weights, train_set, val_set.shard(ctx.rank, ctx.world_size),
-              speed, net, optimizer, scaler, step, sampler, batches, flops, history, first_epoch=first,
-              last_epoch=first + config.epochs - 1, run_start=first)
-    log_settings(run, data_on_device)
-    return run, state, resume
+    return Run(parts, history, first_epoch=first, last_epoch=first + parts.config.epochs - 1, run_start=first)
 
 
-def log_settings(run: Run, data_on_device: bool) -> None:
-    c, amp = run.config, str(run.speed.amp_dtype).replace("torch.", "") if run.speed.amp_dtype else "off"
-    run.log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(c.plain().items())))
-    run.log(f"device {run.ctx.device} x {run.ctx.world_size} process(es); amp {amp}, channels_last "
-            f"{run.speed.channels_last}, data on device {data_on_device}, {c.batch_size * c.accum_steps} images "
-            f"per step")
-
-
-def resume_progress(run: Run, state: dict, path: Path) -> None:
-    """Restore optimizer, scaler and random state of an interrupted run, and where it goes on: the epoch, the steps
-    of it already done, the last epoch, and that epoch's running totals and seconds so far."""
+def resumed_run(parts: Parts, state: dict, history: list[dict], path: Path) -> Run:
+    """Restore optimizer, scaler and random state of an interrupted run, and where it goes on: the epoch, the steps of
+    it already done, and its last epoch (--epochs counts from the run's start, so a larger one extends it)."""
     if "optimizer" not in state:   # a finished run, or a file of the original repository: weights only
         finished = f"that run finished at epoch {state['epoch']}" if "epoch" in state else "it holds weights only"
         raise UsageError(f"{path}: {finished}, nothing to resume; to train on, start from its weights with "
                          f"--finetune-from {path}")
-    run.optimizer.load_state_dict(state["optimizer"])
+    parts.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
+        parts.scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"])
-    run.partial = dict(state["partial"], steps=state["step"]) if state.get("partial") else None
-    run.seconds_before = run.partial.pop("seconds") if run.partial else 0.0
-    run.first_epoch, run.skip_steps, run.last_epoch = state["epoch"] + 1, state["step"], state["last_epoch"]
-    run.run_start = state.get("run_start", run.last_epoch - run.config.epochs + 1)
-    run.log(f"resuming {path}: epoch {run.first_epoch}" + (f", step {run.skip_steps}" if run.skip_steps else ""))
+    run_start = state.get("run_start", state["last_epoch"] - state["config"].get("epochs", 0) + 1)
+    run = Run(parts, history, first_epoch=state["epoch"] + 1, last_epoch=run_start + parts.config.epochs - 1,
+              run_start=run_start, resumed=MidEpoch.from_checkpoint(state))
+    parts.log(f"resuming {path}: epoch {run.first_epoch}" +
+              (f", step {run.resumed.totals['steps']}" if run.resumed else ""))
+    return run
 
 
 def epoch_lr(lr: float, schedule: str, done: int, epochs: int) -> float:
@@ -168,57 +206,60 @@ def epoch_lr(lr: float, schedule: str, done: int, epochs: int) -> float:
     return lr * (1 - done / epochs) ** 0.9 if schedule == "poly" else lr
 
 
-def checkpoint(run: Run, epoch: int, resumable: bool, step: int = 0, partial: dict | None = None) -> dict:
-    """last.pt during the run (``resumable``: optimizer, scaler and random state too), or weights only: best.pt,
-    and last.pt once the run is over."""
-    c = run.config
-    extra = dict(step=step, last_epoch=run.last_epoch, partial=partial, optimizer=run.optimizer.state_dict(),
-                 scaler=run.scaler.state_dict(), rng=rng_states()) if resumable else {}
-    return make_checkpoint(run.net, c.model, run.class_names, run.colormap, c.plain(), epoch=epoch,
-                           history=run.history, run_start=run.run_start, class_weights=run.class_weights, **extra)
+def checkpoint(run: Run, epoch: int, resumable: bool, mid_epoch: MidEpoch | None = None) -> dict:
+    """last.pt during the run (``resumable``: optimizer, scaler and random state too, and how far an interrupted
+    epoch got), or weights only: best.pt, and last.pt once the run is over."""
+    p = run.parts
+    extra = dict(step=0, partial=None, last_epoch=run.last_epoch, optimizer=p.optimizer.state_dict(),
+                 scaler=p.scaler.state_dict(), rng=rng_states()) if resumable else {}
+    if mid_epoch:
+        extra.update(mid_epoch.to_checkpoint())
+    return make_checkpoint(p.net, p.config.model, p.class_names, p.colormap, p.config.plain(), epoch=epoch,
+                           history=run.history, run_start=run.run_start, class_weights=p.class_weights, **extra)
 
 
 def train_one_epoch(run: Run, epoch: int, interrupt: StopOnInterrupt) -> dict:
     """One epoch's steps (the rest of it, for a resumed one) at its lr; its row of the history, unvalidated."""
-    run.sampler.set_epoch(epoch)
-    lr = epoch_lr(run.config.lr, run.config.lr_schedule, epoch - run.run_start, run.config.epochs)
-    for group in run.optimizer.param_groups:
+    p = run.parts
+    p.sampler.set_epoch(epoch)
+    lr = epoch_lr(p.config.lr, p.config.lr_schedule, epoch - run.run_start, p.config.epochs)
+    for group in p.optimizer.param_groups:
         group["lr"] = lr
-    resumed = epoch == run.first_epoch and run.skip_steps > 0
-    start = time.perf_counter() - (run.seconds_before if epoch == run.first_epoch else 0.0)
-    if run.ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.ctx.device)
-    bar = progress_bar(len(run.sampler), run.skip_steps if resumed else 0, f"epoch {epoch}/{run.last_epoch}",
-                       run.ctx.is_main)
+    resumed = run.resumed if run.resumed and run.resumed.epoch == epoch else None
+    done = resumed.totals["steps"] if resumed else 0
+    start = time.perf_counter() - (resumed.seconds if resumed else 0.0)
+    if p.ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(p.ctx.device)
+    bar = progress_bar(len(p.sampler), done, f"epoch {epoch}/{run.last_epoch}", p.ctx.is_main)
     last_pt = run.out / "last.pt"
 
-    def save(partial: dict) -> None:   # Ctrl-C: the epoch so far, resumable
-        if run.ctx.is_main:
-            save_checkpoint(last_pt, checkpoint(run, epoch - 1, True, partial["steps"], partial))
-    on_step = each([stop_if_not_finite(run.ctx.all_sum, last_pt, epoch, run.config.lr), watch_load,
+    def save(totals: dict, seconds: float) -> None:   # Ctrl-C: the epoch so far, resumable
+        if p.ctx.is_main:
+            save_checkpoint(last_pt, checkpoint(run, epoch - 1, True, MidEpoch(epoch, totals, seconds)))
+    on_step = each([stop_if_not_finite(p.ctx.all_sum, last_pt, epoch, p.config.lr), watch_load,
                     show_progress(bar), save_on_interrupt(interrupt, save, last_pt, epoch, start)])
     # The sampler is seeded per epoch, so skipping replays exactly the steps a resumed run already did.
-    batches = itertools.islice(run.batches(), run.skip_steps, None) if resumed else run.batches()
-    totals = train_epoch(run.net, run.optimizer, batches, run.step, run.partial if resumed else None,
-                         on_step)
+    batches = itertools.islice(p.batches(), done, None)
+    totals = train_epoch(p.net, p.optimizer, batches, p.step, resumed.totals if resumed else None, on_step)
     bar.close()
-    if run.ctx.device.type == "cuda":
-        torch.cuda.synchronize(run.ctx.device)
+    if p.ctx.device.type == "cuda":
+        torch.cuda.synchronize(p.ctx.device)
     seconds = time.perf_counter() - start
-    loss_sum, correct, counted, seen = run.ctx.all_sum(totals["loss"], totals["correct"], totals["counted"],
-                                                       totals["seen"])
-    return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / len(run.sampler), "train_acc": correct / max(counted, 1),
+    loss_sum, correct, counted, seen = p.ctx.all_sum(totals["loss"], totals["correct"], totals["counted"],
+                                                     totals["seen"])
+    return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / len(p.sampler), "train_acc": correct / max(counted, 1),
             "val_acc": None, "val_miou": None, "img_per_s": seen / seconds, "seconds": seconds}
 
 
 def validate(run: Run, epoch: int) -> dict:
     """Full-resolution val pixel accuracy and mIoU, every --val-every epochs and after the last."""
-    if epoch % run.config.val_every and epoch != run.last_epoch:
+    p = run.parts
+    if epoch % p.config.val_every and epoch != run.last_epoch:
         return {}
-    metrics = evaluate(unwrap(run.net), run.val_share, run.ctx.device, len(run.class_names),
-                       run.config.batch_size // run.ctx.world_size, run.speed)
-    metrics.reduce_from_all_processes(run.ctx.device)
-    values = metrics.compute(run.class_names)
+    metrics = evaluate(unwrap(p.net), p.val_share, p.ctx.device, len(p.class_names),
+                       p.config.batch_size // p.ctx.world_size, p.speed)
+    metrics.reduce_from_all_processes(p.ctx.device)
+    values = metrics.compute(p.class_names)
     return {"val_acc": values["pixel_acc"], "val_miou": values["miou"]}
 
 
@@ -244,7 +285,7 @@ def save_epoch(run: Run) -> None:
         run.best = row["val_miou"]
         save_checkpoint(run.out / "best.pt", checkpoint(run, row["epoch"], False))
     write_history(run.history, run.out / "history.csv")
-    c = run.config
+    c = run.parts.config
     finetune_start = run.run_start if run.run_start > 1 else None   # epochs before it are the base run's
     save_figure(plot_curves(run.history, f"{c.model}, {c.optimizer}", finetune_start), run.out / "curves.png")
 
@@ -269,29 +310,30 @@ def finish(run: Run) -> None:
     """A finished run keeps weights only in last.pt (nothing left to resume); best.pt is the same file when the
     last epoch was the best. The last lines name the files and the best epoch."""
     best = best_of_run(run.history, run.run_start)
-    if not (run.ctx.is_main and best):
+    if not (run.parts.ctx.is_main and best):
         return
     last = run.history[-1]["epoch"]
     save_checkpoint(run.out / "last.pt", checkpoint(run, last, False))
     if best["epoch"] == last:   # the same weights: one file on disk, not two
         link_or_copy(run.out / "last.pt", run.out / "best.pt")
-    run.log(best_line(best, run.history, run.run_start))
-    run.log(f"wrote {run.out / 'history.csv'}, {run.out / 'curves.png'}, {run.out / 'last.pt'} (epoch {last}) and "
-            f"{run.out / 'best.pt'} (epoch {best['epoch']})")
+    run.parts.log(best_line(best, run.history, run.run_start))
+    run.parts.log(f"wrote {run.out / 'history.csv'}, {run.out / 'curves.png'}, {run.out / 'last.pt'} (epoch {last}) "
+                  f"and {run.out / 'best.pt'} (epoch {best['epoch']})")
 
 
 def train(config: TrainConfig) -> list[dict]:
     """Train config.model on the train split, validating on val; returns the history."""
-    run, state, resume = set_up(config)
-    if resume:
-        resume_progress(run, state, resume)
-    run.best = (best_of_run(run.history, run.run_start) or {"val_miou": -1.0})["val_miou"]
-    with StopOnInterrupt() as interrupt:
-        for epoch in range(run.first_epoch, run.last_epoch + 1):
-            row = train_one_epoch(run, epoch, interrupt)
-            run.history.append({**row, **validate(run, epoch)})
-            run.log(epoch_line(run.history[-1], run.last_epoch, run.ctx.device, run.flops), flush=True)
-            if run.ctx.is_main:
-                save_epoch(run)
-    finish(run)
+    with new_folder_removed_on_failure(config.out):   # a run that fails before its first epoch leaves no OUT
+        parts, state, history = set_up(config)
+        resume = resume_checkpoint_path(config.resume, Path(config.out))
+        run = resumed_run(parts, state, history, resume) if resume else new_run(parts, history)
+        run.best = (best_of_run(run.history, run.run_start) or {"val_miou": -1.0})["val_miou"]
+        with StopOnInterrupt() as interrupt:
+            for epoch in range(run.first_epoch, run.last_epoch + 1):
+                row = train_one_epoch(run, epoch, interrupt)
+                run.history.append({**row, **validate(run, epoch)})
+                parts.log(epoch_line(run.history[-1], run.last_epoch, parts.ctx.device, parts.flops), flush=True)
+                if parts.ctx.is_main:
+                    save_epoch(run)
+        finish(run)
     return run.history

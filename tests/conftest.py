@@ -95,6 +95,14 @@ def make_voc_tree(root: str | os.PathLike, sizes_train: Sequence[tuple[int, int]
     return voc_dir
 
 
+def train_config_of(parser, *argv: str, preset: tuple[str, dict] | None = None):
+    """The TrainConfig a training script builds from ``argv`` (its main's merge, without training)."""
+    from support import cli
+    argv = list(argv)
+    parser.parse_args(argv)
+    return cli.train_config(cli.given_flags(parser, argv), cli.script_defaults(parser), preset)
+
+
 def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run a repository script (e.g. 'origin_train.py', '--demo', ...) with this Python, from the repository root."""
     env = dict(os.environ, TQDM_DISABLE="1", MPLBACKEND="Agg", OMP_NUM_THREADS=THREADS)

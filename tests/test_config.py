@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import make_voc_tree, run_script
+from conftest import make_voc_tree, run_script, train_config_of
 import my_train
 import origin_train
 import some_define as sd
@@ -14,25 +14,25 @@ from support import checkpoints, cli, config
 
 
 def test_flags_win_then_demo_then_the_scripts_defaults():
-    parse = lambda *argv: vars(my_train.parse_args(list(argv)))
-    c = cli.train_config(parse(), my_train.DEFAULTS)
+    parse = lambda *argv: train_config_of(my_train.arg_parser(), *argv)
+    c = parse()
     assert (c.model, c.optimizer, c.lr, c.epochs, c.crop, c.data_dir) == ("unet", "adam", 1e-4, 30, [320, 480], "VOC2012")
-    c = cli.train_config(parse("--demo"), my_train.DEFAULTS)
+    c = parse("--demo")
     assert (c.epochs, c.crop, c.batch_size, c.pretrained, c.device) == (12, [64, 64], 8, "none", "cpu")
-    c = cli.train_config(parse("--demo", "--epochs", "3", "--voc-dir", "elsewhere"), my_train.DEFAULTS)
+    c = parse("--demo", "--epochs", "3", "--voc-dir", "elsewhere")
     assert (c.epochs, c.crop, c.data_dir) == (3, [64, 64], "elsewhere")
-    assert cli.train_config(parse(), origin_train.DEFAULTS).model == "fcn"
+    assert train_config_of(origin_train.arg_parser()).model == "fcn"
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.lr = 1.0   # built once: nothing below main changes it
 
 
 def test_a_checkpoint_stores_the_configuration_as_plain_values(tmp_path):
-    c = cli.train_config(vars(my_train.parse_args(["--demo", "--out", str(tmp_path)])), my_train.DEFAULTS)
+    c = train_config_of(my_train.arg_parser(), "--demo", "--out", str(tmp_path))
     net = sd.build_model("fcn", 2, "none")
     checkpoints.save_checkpoint(tmp_path / "c.pt", checkpoints.make_checkpoint(net, "fcn", ["a", "b"],
                                                                                 [[0, 0, 0], [9, 9, 9]], c.plain()))
     stored = torch.load(tmp_path / "c.pt", weights_only=True)["config"]
-    assert stored == dataclasses.asdict(c) and set(stored) == set(config.FIELDS)
+    assert stored == {key: getattr(c, key) for key in config.FIELDS} and set(stored) == set(config.FIELDS)
 
 
 def test_an_older_checkpoints_keys_are_mapped_once_when_it_is_loaded(tmp_path):
@@ -50,3 +50,32 @@ def test_an_older_checkpoints_keys_are_mapped_once_when_it_is_loaded(tmp_path):
                         "--metrics", str(tmp_path / "m.json"))
     assert result.returncode == 0, result.stderr   # prediction finds the data the old checkpoint names
     assert "2 images of the val split" in result.stdout
+
+
+def test_one_merge_in_order_defaults_demo_preset_checkpoint_flags_and_where_each_came_from():
+    defaults = {"crop": [320, 480], "epochs": 30, "lr": 1e-3, "batch_size": 32, "demo": False, "out": "runs/my"}
+    start = config.Start("resume", "runs/x/last.pt", {"lr": 5e-4, "epochs": 7, "demo": True, "device": "cuda",
+                                                       "out": "runs/old-name"})
+    values, origins = config.merge_settings(defaults, {"epochs": 9}, ("p", {"lr": 2e-3, "batch_size": 4}), start)
+    # the checkpoint's demo makes this a demo run: the demo's crop; its lr beats the preset's; the flag beats all
+    assert values["crop"] == [64, 64] and origins["crop"] == "--demo"
+    assert (values["lr"], origins["lr"]) == (5e-4, "runs/x/last.pt")
+    assert (values["batch_size"], origins["batch_size"]) == (4, "preset p")
+    assert (values["epochs"], origins["epochs"]) == (9, "flag")
+    # the device is this machine's, not the checkpoint's; it goes on writing beside the last.pt it resumes
+    assert values["device"] == "cpu" and origins["device"] == "--demo" and values["out"] == "runs/x"
+    finetune = config.Start("finetune", "base.pt", {"lr": 5e-4, "data_dir": "camvid", "ignore_index": 11})
+    values, origins = config.merge_settings(defaults, {}, None, finetune)
+    assert (values["lr"], values["data_dir"], values["ignore_index"]) == (1e-3, "camvid", 11)   # its data only
+    assert "lr" not in origins
+
+
+def test_help_shows_every_default_and_describes_every_flag():
+    for parser in (my_train.arg_parser(), origin_train.arg_parser()):
+        for action in parser._actions:   # read only, to check the help
+            if action.dest == "help":
+                continue
+            assert action.help, action.dest
+        text = " ".join(parser.format_help().split())   # unwrapped
+        assert "(default: 30)" in text and "(default: [320, 480])" in text and "(default: auto)" in text
+    assert "(default: 0.0001)" in " ".join(my_train.arg_parser().format_help().split())   # the script's DEFAULTS

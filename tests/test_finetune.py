@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_voc_tree, run_script
+from conftest import make_voc_tree, run_script, train_config_of
 import my_train
 import some_define as sd
 from support import checkpoints, cli, speed, tiles
@@ -58,11 +58,10 @@ def test_a_finetune_and_a_resume_train_on_the_checkpoints_data(voc, base, tmp_pa
     config = checkpoints.load_checkpoint(out / "last.pt")["config"]
     assert (config["data_dir"], config["ignore_index"], config["demo"]) == (str(voc), 6, False)
     # --resume reads the same from OUT/last.pt; a flag given wins over the checkpoint's.
-    config = cli.train_config(vars(my_train.parse_args(["--resume", "--out", str(base), *TINY])), my_train.DEFAULTS)
+    config = train_config_of(my_train.arg_parser(), "--resume", "--out", str(base), *TINY)
     assert (config.data_dir, config.ignore_index) == (str(voc), 6)
-    given = ["--resume", "--out", str(base), "--ignore-index", "0", *TINY]
-    config = cli.train_config(vars(my_train.parse_args(given)), my_train.DEFAULTS)
-    assert (config.data_dir, config.ignore_index) == ("VOC2012", 0)
+    config = train_config_of(my_train.arg_parser(), "--resume", "--out", str(base), "--ignore-index", "0", *TINY)
+    assert (config.data_dir, config.ignore_index) == (str(voc), 0)   # each flag given wins over its own setting
 
 
 def test_prediction_keeps_watching_the_load_between_images_and_rows_of_tiles(monkeypatch):

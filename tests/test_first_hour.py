@@ -45,8 +45,8 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 def test_help_shows_every_default_and_what_demo_changes():
     origin, mine = run_script("origin_train.py", "--help").stdout, run_script("my_train.py", "--help").stdout
     flat = lambda text: " ".join(text.split())
-    assert "--lr LR (default: 0.001)" in flat(origin) and "--lr LR (default: 0.0001)" in flat(mine)
-    assert "--epochs EPOCHS (default: 30)" in flat(origin) and "--batch-size BATCH_SIZE (default: 32)" in flat(origin)
+    assert "poly) (default: 0.001)" in flat(origin) and "poly) (default: 0.0001)" in flat(mine)   # --lr's help ends so
+    assert "base run's) (default: 30)" in flat(origin) and "over the processes (default: 32)" in flat(origin)
     assert "--crop 64 64, --epochs 12, --batch-size 8, --pretrained none, --device cpu" in flat(origin)
     assert "--model" not in origin and "--model {fcn,unet}" in mine     # origin_train.py trains the FCN only
     predict = flat(run_script("my_predict.py", "--help").stdout)
@@ -81,17 +81,16 @@ def test_a_failed_download_without_a_partial_file_says_retry(tmp_path):
     assert "run again to retry" in str(info.value) and "0 bytes" not in str(info.value)
 
 
-def test_origin_predict_refuses_a_unet_and_my_predict_warns_about_an_fcn(models, tmp_path):
+def test_origin_predict_refuses_a_unet_and_my_predict_compares_with_an_fcn(models, tmp_path):
     line = error_line(run_script("origin_predict.py", "--checkpoint", str(models["unet"]), "--figure",
                                  str(tmp_path / "o.png")))
-    assert "holds a U-Net, not the FCN this script shows; use my_predict.py" in line
-    result = run_script("my_predict.py", "--checkpoint", str(models["fcn"]), "--compare", str(models["fcn"]),
+    assert f"holds a U-Net; show it with my_predict.py --checkpoint {models['unet']}" in line
+    result = run_script("my_predict.py", "--checkpoint", str(models["unet"]), "--compare", str(models["fcn"]),
                         "--figure", str(tmp_path / "m.png"), "--compare-figure", str(tmp_path / "c.png"), "--eval",
                         "--metrics", str(tmp_path / "m.json"))
     assert result.returncode == 0, result.stderr
-    assert "warning:" in result.stdout and "holds an FCN, not the U-Net" in result.stdout
-    assert "both checkpoints hold an FCN" in result.stdout
-    assert f"using FCN from {models['fcn']}, epoch 3" in result.stdout
+    assert f"using U-Net from {models['unet']}, epoch 3" in result.stdout
+    assert f"compared with FCN from {models['fcn']}, epoch 3" in result.stdout
 
 
 def test_eval_table_shows_whole_model_names():
@@ -114,7 +113,8 @@ def test_images_messages_and_demo_warning(models, tmp_path):
     only_broken = run_script("origin_predict.py", "--checkpoint", str(models["fcn"]), "--images",
                              str(tmp_path / "in" / "broken.jpg"), "--save-dir", str(tmp_path / "out2"))
     assert "wrote 0" not in only_broken.stdout and "demo" not in only_broken.stdout
-    assert "1 of 1 image could not be read (see above); nothing was written" in only_broken.stderr
+    assert f"{tmp_path / 'in' / 'broken.jpg'}: cannot read the image" in error_line(only_broken)   # the one input
+    assert not (tmp_path / "out2").exists()
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     line = error_line(run_script("origin_predict.py", "--checkpoint", str(models["fcn"]), "--images",

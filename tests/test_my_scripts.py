@@ -8,11 +8,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import make_voc_tree, run_script
+from conftest import train_config_of, make_voc_tree, run_script
 import my_train
 import some_define as sd
 from support import checkpoints, cli, steps, study, training
-from support.config import TrainConfig
+from support.config import FIELDS, TrainConfig
 
 TINY = ["--pretrained", "none", "--device", "cpu", "--crop", "32", "32", "--batch-size", "2", "--workers", "0"]
 
@@ -40,9 +40,10 @@ def test_both_networks_load_the_same_resnet18_into_the_same_encoder_tensors(tmp_
 
 
 def preset(name: str, *flags: str) -> TrainConfig:
-    args = my_train.parse_args(list(flags))
-    finetune_epochs = my_train.FINETUNE_EPOCHS["demo" if args.demo else "full"]
-    return study.preset_config(vars(args), name, Path("OUT"), my_train.PRESETS, my_train.DEFAULTS, finetune_epochs)
+    parser = my_train.arg_parser()
+    finetune_epochs = my_train.FINETUNE_EPOCHS["demo" if "--demo" in flags else "full"]
+    return study.preset_config(cli.given_flags(parser, list(flags)), name, Path("OUT"), my_train.PRESETS,
+                               cli.script_defaults(parser), finetune_epochs)
 
 
 @pytest.mark.parametrize("name, model, optimizer, lr, loss, void", [
@@ -69,7 +70,7 @@ def test_reference_presets_differ_from_each_other_only_where_named():
     fcn, unet, mfw = preset("fcn-reference"), preset("unet-reference"), preset("unet-reference-mfw")
     assert (unet.optimizer, unet.lr, unet.wd, unet.lr_schedule, unet.hflip, unet.scale) == \
         ("adam", 1e-3, 1e-4, "poly", True, [0.5, 2.0])
-    differ = lambda a, b: {k for k in vars(a) if getattr(a, k) != getattr(b, k)} - {"out"}
+    differ = lambda a, b: {k for k in FIELDS if getattr(a, k) != getattr(b, k)} - {"out"}
     assert differ(fcn, unet) == {"model"}
     assert differ(mfw, unet) == {"class_weights"}
     book = preset("fcn-sgd-1e-3")        # the book's recipe: no schedule, no augmentation beyond the crop
@@ -98,9 +99,9 @@ def test_finetune_starts_from_the_saved_weights_with_a_fresh_optimizer(voc, tmp_
             seen.append(loss[0])
         return loss
     monkeypatch.setattr(steps, "train_step", recording_step)
-    config = cli.train_config(vars(my_train.parse_args(
-        ["--voc-dir", str(voc), "--out", str(tmp_path / "ft"), "--epochs", "1", "--lr", "1e-5",
-         "--finetune-from", str(first / "last.pt"), "--amp", "off", *TINY])), my_train.DEFAULTS)   # fp32 like below
+    config = train_config_of(my_train.arg_parser(), "--voc-dir", str(voc), "--out", str(tmp_path / "ft"), "--epochs",
+                             "1", "--lr", "1e-5", "--finetune-from", str(first / "last.pt"), "--amp", "off",
+                             *TINY)   # fp32 like below
     history = training.train(config)
 
     lr, optimizer_state, images, labels = seen[0]

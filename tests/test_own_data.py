@@ -164,14 +164,69 @@ def test_class_file_with_colours(tmp_path):
     assert data.read_classes(path) == (NAMES, COLOURS)
 
 
-def test_class_file_without_colours_takes_the_voc_palette(tmp_path):
+CAMVID_NAMES = ["sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car", "pedestrian",
+                "bicyclist", "unlabelled"]
+
+
+def min_distance(colours, space=lambda rgb: rgb) -> float:
+    """The smallest distance between two of the colours (RGB, or in ``space``, e.g. data.cielab)."""
+    points = space(np.array(colours, dtype=float))
+    distances = np.linalg.norm(points[:, None] - points[None], axis=2)
+    np.fill_diagonal(distances, np.inf)
+    return float(distances.min())
+
+
+def test_class_file_without_colours_takes_distinct_colours(tmp_path):
     path = tmp_path / "classes.txt"
-    path.write_text("\n".join(f"c{i}" for i in range(30)) + "\n")
+    path.write_text("\n".join(f"c{i}" for i in range(40)) + "\n")
     names, colormap = data.read_classes(path)
-    palette = voc_palette()
-    assert names == [f"c{i}" for i in range(30)]
-    assert colormap == [palette[3 * i:3 * i + 3] for i in range(30)]
-    assert colormap[:21] == sd.VOC_COLORMAP   # the palette rule extends VOC's own colours
+    assert names == [f"c{i}" for i in range(40)] and colormap == data.distinct_colours(40)
+    assert [0, 0, 0] not in data.distinct_colours(255) and len({tuple(c) for c in data.distinct_colours(255)}) == 255
+    # The bar: no two of the first 21 closer than VOC's own closest pair (64 apart in RGB, e.g. black and
+    # (64, 0, 0)), nor closer to black or to the void colour; and in CIELAB, where distance is what the eye sees,
+    # four times as far apart as VOC's closest pair (8.8), since VOC's palette was what this replaced.
+    voc_rgb, voc_lab = min_distance(sd.VOC_COLORMAP), min_distance(sd.VOC_COLORMAP, data.cielab)
+    assert voc_rgb == 64
+    first = colormap[:21]
+    assert min_distance(first) > voc_rgb
+    assert min(min_distance([c, [0, 0, 0]]) for c in first) > voc_rgb
+    assert min(min_distance([c, list(sd.VOID_COLOR)]) for c in first) > voc_rgb
+    assert min_distance(first, data.cielab) > 4 * voc_lab
+
+
+def test_voc_keeps_its_own_colours(tmp_path):
+    """Without --classes a dataset is VOC's, in VOC's colours (and so is the demo data); a colour given is kept."""
+    assert data.dataset_classes(None) == (sd.VOC_CLASSES, [list(c) for c in sd.VOC_COLORMAP])
+    path = tmp_path / "classes.txt"
+    path.write_text("sky 128 128 128\nbuilding\ncar\n")
+    assert data.read_classes(path)[1] == [[128, 128, 128], *data.distinct_colours(3)[1:]]
+
+
+def test_camvid_names_alone_are_drawn_in_distinct_colours_in_overlay_and_legend(tmp_path):
+    """CamVid's class names without colours: sky (class 0, not a background) is no longer black, so it neither
+    darkens the overlay nor vanishes in the legend; building and car are told apart. The colours are read back from
+    the overlay's legend swatches and from the palette PNG that --images writes."""
+    path = tmp_path / "classes.txt"
+    path.write_text("\n".join(CAMVID_NAMES) + "\n")
+    names, colormap = data.read_classes(path)
+    assert sum(colormap[0]) > 0 and min_distance([colormap[1], colormap[8]], data.cielab) > 40
+    pred = torch.tensor([[c for c in range(len(names)) for _ in range(8)]] * 40)   # every class, 8 columns each
+    image = torch.full((3, *pred.shape), 128, dtype=torch.uint8)
+    out = tmp_path / "overlay.png"   # lossless, so that the colours read back are the ones drawn
+    export.overlay_with_legend(image, pred, colormap, names).save(out)
+    export.save_label_png(pred, colormap, tmp_path / "label.png")
+    with Image.open(tmp_path / "label.png") as png:
+        assert png.getpalette()[:3 * len(names)] == sum(colormap, [])
+    with Image.open(out) as written:
+        pixels = np.asarray(written.convert("RGB")).astype(int)
+    width = pred.shape[1]
+    size = max(12, pred.shape[0] // 40)   # as overlay_with_legend sizes its font and its swatches
+    line = round(size * 1.5)
+    for row, colour in enumerate(colormap):
+        x, y = width + line // 2 + size // 2, line // 2 + row * line + size // 2   # a swatch's middle
+        assert pixels[y, x].tolist() == colour, names[row]
+    painted = pixels[5:35, 2:6]   # sky's column, away from its outline: 60 % of its colour over the grey photo
+    assert np.abs(painted - (0.6 * np.array(colormap[0]) + 0.4 * 128)).max() <= 0.5
 
 
 @pytest.mark.parametrize("text, message", [("a\n\nb\n", "line 2: empty"),
@@ -207,7 +262,7 @@ def test_class_names_may_hold_spaces_and_numbers_before_the_colour(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("potted plant\ntv monitor 0 64 128\nroad 2 lane 10 20 30\nlane 3 1 2 3\n")
     assert data.read_classes(path) == (["potted plant", "tv monitor", "road 2 lane", "lane 3"],
-                                       [voc_palette()[:3], [0, 64, 128], [10, 20, 30], [1, 2, 3]])
+                                       [data.distinct_colours(4)[0], [0, 64, 128], [10, 20, 30], [1, 2, 3]])
 
 
 @pytest.mark.parametrize("kind", ["palette", "rgb", "gray"])
@@ -313,9 +368,9 @@ def test_images_give_palette_pngs_of_the_input_size_and_overlays(trained, tmp_pa
     assert not (out / "broken.png").exists()
 
 
-def test_tta_and_my_predict(trained, tmp_path):
+def test_tta_and_a_glob(trained, tmp_path):
     sizes = input_images(tmp_path / "in")
-    result = run_script("my_predict.py", "--checkpoint", trained / "run" / "last.pt", "--compare", "none.pt",
+    result = run_script("origin_predict.py", "--checkpoint", trained / "run" / "last.pt",
                         "--images", str(tmp_path / "in" / "*.jpg"), "--save-dir", tmp_path / "out", "--tta",
                         "--amp", "off")   # fp32, as the expectation below
     assert_ok(result)
@@ -378,7 +433,7 @@ def test_download_checksum_mismatch_fails_cleanly(tmp_path):
                         "--voc-dir", root / "VOC2012", "--out", tmp_path / "run", *TRAIN_FLAGS)
     line = error_line(result)
     assert f"is not the expected {download.VOC_MD5}; removed it, run again" in line
-    assert leftovers(root) == []   # no tar, no .part, no VOCdevkit, no temporary extraction folder
+    assert not root.exists()   # no tar, no .part, no VOCdevkit, no temporary extraction folder, nor the folder
     assert not (tmp_path / "run" / "last.pt").exists()
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import origin_train
 import some_define as sd
-from conftest import run_script
+from conftest import train_config_of, run_script
 from support import checkpoints, cli, data, study
 
 CLASSES = "sky 128 128 128\nroad 128 64 128\ncar 64 0 128\n"   # class 0 is not a background, as in CamVid
@@ -116,14 +116,14 @@ def test_weighted_loss_counts_each_pixel_by_its_class_weight():
 
 def test_void_background_only_where_class_0_is_background(tmp_path, capsys):
     root = make_pair_list_dataset(tmp_path / "d", {"train": 1})
-    parse = lambda *flags: cli.train_arg_parser("", {}).parse_args(["--classes", str(root / "classes.txt"), *flags])
     book = dict(origin_train.DEFAULTS, epochs=1, batch_size=1, crop=[32, 32], workers=0, pretrained="none")
-    assert cli.train_config(vars(parse()), book).void == "ignore"    # the book's default, where it means nothing
+    parse = lambda *flags: train_config_of(cli.train_arg_parser("", book), *flags)
+    classes = ["--classes", str(root / "classes.txt")]
+    assert parse(*classes).void == "ignore"    # the book's default, where it means nothing
     assert "class 0 is 'sky', not 'background'" in capsys.readouterr().out
     with pytest.raises(sd.UsageError, match="--void background trains void pixels as class 0, which is 'sky'"):
-        cli.train_config(vars(parse("--void", "background")), book)
-    voc = cli.train_arg_parser("", {}).parse_args([])
-    assert cli.train_config(vars(voc), book).void == "background"    # VOC: class 0 is background
+        parse(*classes, "--void", "background")
+    assert parse().void == "background"    # VOC: class 0 is background
 
 
 def test_study_on_a_pair_list_dataset(tmp_path):

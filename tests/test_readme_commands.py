@@ -57,7 +57,7 @@ def make_workspace(root: Path) -> None:
     """What the commands read: ./VOC2012, mine/ (VOC layout, own class file), pairs/ (pair lists), photos/."""
     make_voc_tree(root, [(48, 48)] * 6, [(48, 64)] * 3)
     make_voc_tree(root / "mine", [(48, 48)] * 4, [(40, 56)] * 2, layout="flat")
-    (root / "mine" / "classes.txt").write_text("\n".join(sd.VOC_CLASSES) + "\n")   # names only: VOC's palette
+    (root / "mine" / "classes.txt").write_text("\n".join(sd.VOC_CLASSES) + "\n")   # names only: well-separated colours
     for mask in make_pair_list_dataset(root / "pairs", {"train": 4, "val": 2}, hw=(48, 48)).glob("*annot/*.png"):
         labels = np.array(Image.open(mask))   # classes 0..2 and 255 (void), as the README's command expects
         Image.fromarray(np.where(labels < 3, labels, 255).astype(np.uint8)).save(mask)

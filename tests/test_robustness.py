@@ -21,8 +21,9 @@ from support import checkpoints, data
 
 TRAIN = [(64, 64)] * 12
 VAL = [(64, 64)] * 2
+# Settings other than the script's defaults: a plain --resume must continue with these, not today's defaults.
 RUN = ["--pretrained", "none", "--device", "cpu", "--crop", "32", "32", "--batch-size", "2", "--seed", "3",
-       "--workers", "0"]
+       "--workers", "0", "--lr", "3e-4", "--lr-schedule", "poly", "--hflip"]
 
 
 def train_cmd(voc: Path, out: Path, *extra: str) -> list[str]:
@@ -93,11 +94,31 @@ def test_ctrl_c_saves_mid_epoch_and_resume_gives_the_same_weights(voc, uninterru
     assert "--resume" in stderr and "Traceback" not in stderr and "error" not in stderr
     saved = torch.load(tmp_path / "last.pt", weights_only=True)
     assert saved["step"] > 0 or saved["epoch"] >= 2    # stopped inside an epoch (or right at its end)
-    result = run_script(*train_cmd(voc, tmp_path, "--resume"))
+    # The README's plain --resume: data, crop, batch, lr, schedule, epochs and seed come from the checkpoint.
+    result = run_script("my_train.py", "--resume", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
+    assert "note: resuming" not in result.stdout       # nothing changed
+    assert f"crop=[32, 32] ({tmp_path / 'last.pt'})" in result.stdout
     # Same weights as the uninterrupted run; the history matches except the interrupted epoch's train loss and
     # accuracy, whose running sums were saved with the checkpoint and so match too.
     assert_same_run(uninterrupted, final_state(tmp_path))
+
+
+def test_a_flag_given_with_resume_is_said_and_epochs_extends_the_run(voc, tmp_path):
+    proc = start(train_cmd(voc, tmp_path))
+    wait_for_epoch_1(tmp_path, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(tmp_path / "last.pt", weights_only=True)["epoch"]
+    result = run_script("my_train.py", "--resume", "--out", str(tmp_path), "--epochs", "4", "--lr", "1e-4")
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stdout.splitlines() if line.startswith("note: resuming")]
+    assert said == [f"note: resuming {tmp_path / 'last.pt'} with other settings than it started with: --lr 0.0001 "
+                    f"(was 0.0003), --epochs 4 (was 3)"]
+    history = torch.load(tmp_path / "last.pt", weights_only=True)["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    # poly over 4 epochs from the new lr, from the first epoch the resumed run trains
+    assert history[done]["lr"] == pytest.approx(1e-4 * (1 - done / 4) ** 0.9)
 
 
 def test_crash_between_temp_write_and_replace_keeps_the_old_checkpoint(tmp_path, monkeypatch):
@@ -148,7 +169,7 @@ def test_checkpoint_of_another_architecture_says_what_it_holds(tmp_path):
 
 def test_diverging_loss_stops_with_advice(voc, tmp_path):
     result = run_script("origin_train.py", "--voc-dir", str(voc), "--out", str(tmp_path), "--epochs", "2",
-                        "--lr", "1e12", *RUN)
+                        *RUN, "--lr", "1e12")   # the last --lr wins
     assert result.returncode == 2
     assert "the loss became" in result.stderr and "try a lower --lr" in result.stderr
     assert "Traceback" not in result.stderr
@@ -233,6 +254,16 @@ def test_bad_flags_and_outputs(tmp_path, tiny_voc):
     blocker.write_text("x")
     one_line_error([*base, "--out", str(blocker / "sub")], f"--out {blocker / 'sub'}: cannot create")
     one_line_error([*base, "--out", str(tmp_path / "o"), "--resume"], "nothing to resume")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_training_run_leaves_no_folder_it_made(tmp_path, tiny_voc):
+    base = ["origin_train.py", "--voc-dir", str(tiny_voc), "--device", "cpu", "--crop", "32", "32"]
+    out = tmp_path / "new" / "out"
+    one_line_error([*base, "--out", str(out), "--pretrained", str(tmp_path / "missing.pth")], "--pretrained")
+    one_line_error([*base, "--out", str(out), "--pretrained", "none", "--ignore-index", "6", "--classes",
+                    str(tmp_path / "missing.txt")], "missing.txt")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_finished_run_keeps_weights_only_and_says_so_on_resume(voc, tmp_path):
