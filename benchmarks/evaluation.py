@@ -9,7 +9,7 @@ import torch
 
 import some_define as sd
 from benchmarks.common import VOC_IMAGE_HW, dtype_name, sync
-from support.speed import inference_speed, keep_transposed_convs_fp32_on_cpu
+from support.speed import inference_speed, use_cpu_kernels
 
 
 def bench_eval(name: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -17,7 +17,7 @@ def bench_eval(name: str, args: argparse.Namespace, device: torch.device) -> dic
     speed = inference_speed("auto", device)
     torch.backends.cudnn.benchmark = False   # prediction does not autotune (photos come in many sizes)
     torch.manual_seed(0)
-    net = keep_transposed_convs_fp32_on_cpu(sd.build_model(name, len(sd.VOC_CLASSES), "none")).to(device)
+    net = use_cpu_kernels(sd.build_model(name, len(sd.VOC_CLASSES), "none")).to(device)
     g = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (3, *VOC_IMAGE_HW), dtype=torch.uint8, generator=g)
               for _ in range(args.eval_images)]

@@ -68,12 +68,12 @@ def pytorch_child(engine: str, model: str, size: str, count: int, threads: int) 
     """PyTorch as the predict scripts run it: predict_full_res, batch 1, fp32 or the default flags of this CPU."""
     import torch
     import some_define as sd
-    from support.speed import inference_speed, keep_transposed_convs_fp32_on_cpu
+    from support.speed import inference_speed, use_cpu_kernels
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
     speed = sd.Speed() if engine == "pytorch-fp32" else inference_speed("auto", cpu)
     torch.manual_seed(0)
-    net = keep_transposed_convs_fp32_on_cpu(sd.build_model(model, len(sd.VOC_CLASSES), "none")).eval()
+    net = use_cpu_kernels(sd.build_model(model, len(sd.VOC_CLASSES), "none")).eval()
     g = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (3, *image_hw(size)), dtype=torch.uint8, generator=g) for _ in range(count + 1)]
     result = timed(lambda chunk: [p for _, p in sd.predict_full_res(net, chunk, cpu, 1, speed)], images)

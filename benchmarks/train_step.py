@@ -26,7 +26,7 @@ from support.cli import ArgumentParser
 from support.distributed import DistributedContext, wrap_for_training
 from support.errors import run_main
 from support.steps import make_step
-from support.speed import (bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed,
+from support.speed import (bf16_peak_flops, use_cpu_kernels, resolve_speed,
                            train_flops_per_image)
 
 MODEL_DEFAULTS = {d["model"]: d for d in (origin_train.DEFAULTS, my_train.DEFAULTS)}   # fcn, unet: as trained
@@ -96,6 +96,10 @@ class ModelRun:
                 s["fraction_of_peak"] = s["gflops"] / peak["gflops"]
             if peak.get("bf16_gflops"):
                 s["fraction_of_bf16_matmul"] = s["gflops"] / peak["bf16_gflops"]
+            # of the ceiling of the precision the step computes in: bf16 steps against the bf16 matmul
+            bf16 = run.flags.get("amp_dtype") == "bfloat16"
+            s["precision"] = "bf16" if bf16 else "fp32"
+            s["fraction_of_precision_ceiling"] = s.get("fraction_of_bf16_matmul" if bf16 else "fraction_of_peak")
         return out
 
     def to_json(self, peak: dict) -> dict:
@@ -105,7 +109,8 @@ class ModelRun:
         for name, s in stats.items():
             out.update({f"{name}_{key}": value for key, value in s.items()})
         fast = stats.get("fast", {})
-        out.update({key: fast[key] for key in ("speedup", "fraction_of_peak") if key in fast})
+        out.update({key: fast[key] for key in ("speedup", "fraction_of_peak", "fraction_of_precision_ceiling")
+                    if key in fast})
         if stats:
             out["fastest_variant"] = fastest = max(stats, key=lambda name: stats[name]["img_s"])
             if fast:
@@ -126,7 +131,7 @@ def prepare_variant(variant: str, base: torch.nn.Module, setup: dict, images: to
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     net = copy.deepcopy(base)
     if variant != "bf16_cl_tconv":
-        keep_transposed_convs_fp32_on_cpu(net)   # as training does
+        use_cpu_kernels(net)   # as training does
     net = wrap_for_training(net, ctx, flags["channels_last"], False, flags["compile"])
     net.train()
     optimizer = sd.make_optimizer(setup["optimizer"], net.parameters(), setup["lr"], setup["wd"])
@@ -207,7 +212,7 @@ def bench_train_model(name: str, args: argparse.Namespace, ctx: DistributedConte
 def print_train(runs: dict[str, ModelRun | dict], peak: dict) -> None:
     """Per model its setup, then a row per variant, with its ratio to the fastest one."""
     print("\ntrain step (images/s, median of interleaved rounds; ratio to the fastest variant; GFLOP/s; fraction of "
-          "the fp32 matmul ceiling):")
+          "the matmul ceiling of the precision the step computes in):")
     for name, run in runs.items():
         if not isinstance(run, ModelRun):
             print(f"  {name}: error: {run['error']}")
@@ -218,7 +223,8 @@ def print_train(runs: dict[str, ModelRun | dict], peak: dict) -> None:
         fastest = max((s["img_s"] for s in stats.values()), default=None)
         for variant, s in stats.items():
             print(f"    {LABELS.get(variant, variant):<14} {s['img_s']:8.2f} img/s  {s['img_s'] / fastest:5.2f} of "
-                  f"fastest  {s['gflops']:9.1f} GFLOP/s  {fmt(s.get('fraction_of_peak'), '.1%'):>6} of ceiling"
+                  f"fastest  {s['gflops']:9.1f} GFLOP/s  {fmt(s.get('fraction_of_precision_ceiling'), '.1%'):>6} of "
+                  f"the {s['precision']} ceiling"
                   + (f"  x{s['speedup']:.2f} vs plain" if "speedup" in s else "")
                   + (f"  {s['fraction_of_bf16_peak']:.1%} of bf16 peak" if "fraction_of_bf16_peak" in s else "")
                   + (f"  peak mem {s['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in s else ""))

@@ -15,7 +15,7 @@ from some_define import VOC_CLASSES, VOC_COLORMAP, UsageError, build_model
 from .config import stored_config
 from .files import atomic_write
 from .original import open_pickled_model, original_config, original_network, say_once
-from .speed import keep_transposed_convs_fp32_on_cpu
+from .speed import use_cpu_kernels
 
 
 def unwrap(net: nn.Module) -> nn.Module:
@@ -81,7 +81,7 @@ def restore_model(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> n
     except RuntimeError as e:
         raise UsageError(f"{path}: its weights do not fit a {checkpoint['model']} with {checkpoint['num_classes']} "
                          f"classes ({str(e).splitlines()[0]})")
-    return keep_transposed_convs_fp32_on_cpu(net)
+    return use_cpu_kernels(net)
 
 
 def check_checkpoint_matches(checkpoint: dict, model: str, class_names: Sequence[str], path) -> None:

@@ -141,7 +141,7 @@ def merge_settings(defaults: dict, given: dict, preset: tuple[str, dict] | None 
     taken = start.settings() if start else {}
     demo = given.get("demo", taken.get("demo", preset_values.get("demo", defaults.get("demo", False))))
     layers = [("default", defaults), ("--demo", DEMO_DEFAULTS if demo else {}), (f"preset {name}", preset_values),
-              (start and f"{start.path}", taken), ("flag", given)]
+              ("checkpoint", taken), ("flag", given)]
     values, origins = {}, {}
     for origin, layer in layers:
         for key, value in layer.items():

@@ -182,11 +182,27 @@ class CPUFloat32ConvTranspose2d(nn.ConvTranspose2d):
         return super().forward(x)
 
 
-def keep_transposed_convs_fp32_on_cpu(net: nn.Module) -> nn.Module:
-    """Make every ConvTranspose2d a CPUFloat32ConvTranspose2d (same weights and state_dict), in place."""
+class ChannelsLastGradUpsample(nn.Upsample):
+    """nn.Upsample whose incoming gradient is made channels_last-contiguous first, on the CPU. In the U-Net it arrives
+    as a channel slice of torch.cat's gradient, contiguous in no format, and the CPU's bilinear backward then takes a
+    slow path: 3.4x slower for the largest upsample, the same gradient (benchmarks/RESULTS.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if y.requires_grad and y.device.type == "cpu" and y.is_contiguous(memory_format=torch.channels_last):
+            y.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
+        return y
+
+
+CPU_KERNELS = {nn.ConvTranspose2d: CPUFloat32ConvTranspose2d, nn.Upsample: ChannelsLastGradUpsample}
+
+
+def use_cpu_kernels(net: nn.Module) -> nn.Module:
+    """Swap in the modules above (same computation, weights and state_dict), in place: the FCN's transposed conv in
+    fp32 under autocast, the U-Net's upsampling with a channels_last gradient."""
     for module in net.modules():
-        if type(module) is nn.ConvTranspose2d:
-            module.__class__ = CPUFloat32ConvTranspose2d
+        if type(module) in CPU_KERNELS:
+            module.__class__ = CPU_KERNELS[type(module)]
     return net
 
 

@@ -26,8 +26,8 @@ from .errors import StopOnInterrupt, naming_flags
 from .figures import plot_curves
 from .files import check_writable_dir, link_or_copy, new_folder_removed_on_failure, save_figure, write_history
 from .hooks import each, progress_bar, save_on_interrupt, show_progress, stop_if_not_finite, watch_load
-from .speed import (bf16_peak_flops, keep_transposed_convs_fp32_on_cpu, resolve_speed, set_threads,
-                    threads_for_load, train_flops_per_image)
+from .speed import (bf16_peak_flops, resolve_speed, set_threads, threads_for_load, train_flops_per_image,
+                    use_cpu_kernels)
 from .steps import make_criterion, make_step
 
 
@@ -114,11 +114,11 @@ def starting_point(config: TrainConfig, class_names: list[str], resume: Path | N
                       f"{RESNET18_FILE}"):
         net = build_model(config.model, len(class_names), "none" if start_from else config.pretrained)
     if not start_from:
-        return keep_transposed_convs_fp32_on_cpu(net), None, []
+        return use_cpu_kernels(net), None, []
     state = load_checkpoint(start_from)
     check_checkpoint_matches(state, config.model, class_names, start_from)
     net.load_state_dict(state["state_dict"])
-    return keep_transposed_convs_fp32_on_cpu(net), state, list(state.get("history", []))
+    return use_cpu_kernels(net), state, list(state.get("history", []))
 
 
 def set_up(config: TrainConfig) -> tuple[Parts, dict | None, list[dict]]:

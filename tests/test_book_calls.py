@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ def test_fcn_is_the_books_and_the_speed_code_keeps_its_weights():
     with torch.no_grad():
         before = net(x)
         state = {k: v.clone() for k, v in net.state_dict().items()}
-        speed.keep_transposed_convs_fp32_on_cpu(net)
+        speed.use_cpu_kernels(net)
         assert type(net.transpose_conv) is speed.CPUFloat32ConvTranspose2d
         assert torch.equal(net(x), before)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -106,3 +107,19 @@ def test_predict_and_label2image_as_the_chapter_calls_them():
     image = sd.label2image(pred)
     assert image.shape == (64, 96, 3) and image.dtype == torch.uint8
     assert torch.equal(image[0, 0], torch.tensor(sd.VOC_COLORMAP[int(pred[0, 0])], dtype=torch.uint8))
+
+
+def test_the_unets_cpu_upsampling_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = sd.ResNetUNet(num_classes=3, pretrained="none")
+    fast = speed.use_cpu_kernels(copy.deepcopy(plain))
+    assert type(fast.upsample) is speed.ChannelsLastGradUpsample and type(plain.upsample) is nn.Upsample
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for net in (plain, fast):
+        net = net.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x).float().square().mean().backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))   # only the gradient's memory layout changed
+    assert plain.state_dict().keys() == fast.state_dict().keys()

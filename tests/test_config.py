@@ -59,7 +59,7 @@ def test_one_merge_in_order_defaults_demo_preset_checkpoint_flags_and_where_each
     values, origins = config.merge_settings(defaults, {"epochs": 9}, ("p", {"lr": 2e-3, "batch_size": 4}), start)
     # the checkpoint's demo makes this a demo run: the demo's crop; its lr beats the preset's; the flag beats all
     assert values["crop"] == [64, 64] and origins["crop"] == "--demo"
-    assert (values["lr"], origins["lr"]) == (5e-4, "runs/x/last.pt")
+    assert (values["lr"], origins["lr"]) == (5e-4, "checkpoint")
     assert (values["batch_size"], origins["batch_size"]) == (4, "preset p")
     assert (values["epochs"], origins["epochs"]) == (9, "flag")
     # the device is this machine's, not the checkpoint's; it goes on writing beside the last.pt it resumes

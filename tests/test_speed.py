@@ -285,3 +285,14 @@ def test_bf16_by_default_exactly_where_the_cpu_computes_it_natively(monkeypatch,
     assert speed.resolve_amp("auto", cpu) == (torch.bfloat16 if expected else None)
     assert speed.resolve_speed("auto", "auto", "auto", cpu, 1)[0].channels_last == bool(expected)
     assert speed.resolve_amp("off", cpu) is None and speed.resolve_amp("bf16", cpu) == torch.bfloat16
+
+
+def test_the_benchmark_compares_a_step_with_the_ceiling_of_its_own_precision():
+    from benchmarks.train_step import ModelRun, VariantRun
+    run = ModelRun({"batch_size": 8, "flops_per_image": 1e9}, steps=1, rounds=1, bf16_peak=None)
+    run.variants["plain"] = VariantRun({"amp_dtype": "None"}, 0.0, {}, [0.1])       # 8 images in 0.1 s: 80 GFLOP/s
+    run.variants["fast"] = VariantRun({"amp_dtype": "bfloat16"}, 0.0, {}, [0.04])   # 200 GFLOP/s
+    stats = run.stats({"gflops": 100.0, "bf16_gflops": 400.0})
+    assert stats["plain"]["fraction_of_precision_ceiling"] == pytest.approx(0.8)    # of the fp32 ceiling
+    assert stats["fast"]["fraction_of_precision_ceiling"] == pytest.approx(0.5)     # of the bf16 one, not 200 %
+    assert stats["fast"]["fraction_of_peak"] == pytest.approx(2.0)                  # the fp32 fraction stays in the JSON
