@@ -539,20 +539,22 @@ class SegMetrics:
         self.void_pixels, self.void_as_background = int(counts[-2]), int(counts[-1])
 
     def compute(self, class_names: Sequence[str]) -> dict:
-        cm = self.confusion.double()
-        tp, gt, predicted = cm.diag(), cm.sum(1), cm.sum(0)
-        union = gt + predicted - tp
-        iou = [float(tp[c] / union[c]) if union[c] > 0 else None for c in range(self.num_classes)]
+        # In Python ints, exact at any count, and no float64 tensor: MPS has none (tests/test_devices.py forbids them).
+        cm = self.confusion.tolist()
+        tp = [cm[c][c] for c in range(self.num_classes)]
+        gt, predicted = [sum(row) for row in cm], [sum(column) for column in zip(*cm)]
+        union = [g + p - t for g, p, t in zip(gt, predicted, tp)]
+        iou = [t / u if u > 0 else None for t, u in zip(tp, union)]
         present = [v for v in iou if v is not None]
-        class_acc = [float(tp[c] / gt[c]) for c in range(self.num_classes) if gt[c] > 0]
-        total = float(cm.sum())
-        metrics = {"pixel_acc": float(tp.sum()) / total if total else 0.0,
+        class_acc = [t / g for t, g in zip(tp, gt) if g > 0]
+        total = sum(gt)
+        metrics = {"pixel_acc": sum(tp) / total if total else 0.0,
                    "mean_class_acc": sum(class_acc) / len(class_acc) if class_acc else 0.0,
                    "miou": sum(present) / len(present) if present else 0.0,
                    "per_class_iou": dict(zip(class_names, iou)),
-                   "confusion_matrix": self.confusion.tolist()}
+                   "confusion_matrix": cm}
         if class_names[0] == "background":   # the book's accuracy: void pixels labelled background, as it reads them
-            metrics["d2l_pixel_acc"] = (float(tp.sum()) + self.void_as_background) / (total + self.void_pixels) \
+            metrics["d2l_pixel_acc"] = (sum(tp) + self.void_as_background) / (total + self.void_pixels) \
                 if total + self.void_pixels else 0.0
         return metrics
 
@@ -596,10 +598,13 @@ def forward_backward(net: nn.Module, images: torch.Tensor, targets: torch.Tensor
 
 
 def step_totals(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(loss, correct pixels, labelled pixels) as one float64 tensor on the device, read back once per step; the
+    """(loss, correct pixels, labelled pixels) as one float32 tensor on the device, read back once per step; the
     book's accuracy without void pixels."""
+    # float32, which every device has (MPS has no float64): the loss is float32 already, and pixel counts are exact
+    # up to 2**24 = 16.8 M, far more than a batch of 32 crops of 320 x 480 holds (4.9 M); above that they round by at
+    # most 1 in 2**24, in the logged training accuracy only.
     valid = targets != VOID
-    return torch.stack([loss.double(), ((logits.argmax(1) == targets) & valid).sum().double(), valid.sum().double()])
+    return torch.stack([loss.float(), ((logits.argmax(1) == targets) & valid).sum().float(), valid.sum().float()])
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:

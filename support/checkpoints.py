@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,9 +31,26 @@ def unwrap(net: nn.Module) -> nn.Module:
 
 def make_checkpoint(net: nn.Module, model_name: str, class_names: Sequence[str], colormap: Sequence[Sequence[int]],
                     config: dict, **extra) -> dict:
-    return {"model": model_name, "num_classes": len(class_names), "class_names": list(class_names),
-            "colormap": [list(c) for c in colormap], "config": config,
-            "state_dict": unwrap(net).state_dict(), **extra}
+    """The weights and what names them, plus ``extra`` (optimizer, scaler and random state of a resumable one), all
+    with CPU tensors only: a checkpoint written on a GPU opens with weights_only=True on a machine without one."""
+    return on_cpu({"model": model_name, "num_classes": len(class_names), "class_names": list(class_names),
+                   "colormap": [list(c) for c in colormap], "config": config,
+                   "state_dict": unwrap(net).state_dict(), **extra})
+
+
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, lists and tuples, at any depth) on the CPU. Resuming needs no
+    move back: Optimizer.load_state_dict casts its state to the device of the parameters."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        copy = type(value)((key, on_cpu(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):   # a state_dict's layer versions, which load_state_dict reads
+            copy._metadata = value._metadata
+        return copy
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:

@@ -27,6 +27,8 @@ class DistributedContext:
         self.world_size, self.rank = env_world_size(), env_rank()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = try_all_gpus_or_cpu(device_name)
+        if self.device.type == "cuda" and self.world_size == 1 and self.device.index is not None:
+            torch.cuda.set_device(self.device)   # --device cuda:N: pinned memory and cuDNN on GPU N, not GPU 0
         if self.world_size > 1:
             import torch.distributed as dist
             if self.device.type == "cuda":
@@ -44,6 +46,7 @@ class DistributedContext:
         if self.world_size == 1:
             return list(values)
         import torch.distributed as dist
+        # float64: an epoch's pixel counts pass 2**24; DDP runs on CUDA (NCCL) and the CPU (gloo), which have it
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()

@@ -1,16 +1,15 @@
-"""What a training run does after every step, one small hook per concern: stop on a diverged loss, look at the
-CPU's load, show progress, save and stop on Ctrl-C. Each is ``hook(totals, loss)``."""
+"""What a training run does after every step, one small hook per concern: stop together on a diverged loss or
+Ctrl-C, look at the CPU's load, show progress. Each is ``hook(totals, loss)``."""
 from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 from some_define import UsageError
 
-from .errors import Interrupted, StopOnInterrupt
+from .errors import StopOnInterrupt
 from .speed import look_at_load
 
 Hook = Callable[[dict, float], None]
@@ -20,13 +19,31 @@ class TrainingStopped(UsageError):
     """The loss diverged; the message says what to do next."""
 
 
-def stop_if_not_finite(all_sum: Callable[..., list[float]], last_pt: Path, epoch: int, lr: float) -> Hook:
+def stop_together(all_sum: Callable[..., list[float]], interrupt: StopOnInterrupt, last_pt: Path, epoch: int,
+                  lr: float) -> Hook:
+    """One all-reduce a step tells every process the loss and whether any was interrupted (Ctrl-C reaches the ranks
+    at different steps), so all stop after the same step: on a diverged loss with advice, on Ctrl-C by raising
+    StopRequested, whose totals are the sums over the processes."""
     def hook(totals: dict, loss: float) -> None:
-        loss = all_sum(loss)[0]   # every process sees the same loss, so all stop together
+        loss, stops = all_sum(loss, float(interrupt.requested))
         if not math.isfinite(loss):
             raise TrainingStopped(f"the loss became {loss} at epoch {epoch}, step {totals['steps']}; {last_pt} keeps "
                                   f"the last good epoch ({epoch - 1}); try a lower --lr (now {lr:g})")
+        if stops:
+            summed = dict(zip(SUMMED, all_sum(*(totals[key] for key in SUMMED))), steps=totals["steps"])
+            raise StopRequested(summed)
     return hook
+
+
+SUMMED = ("loss", "correct", "counted", "seen")   # the running totals of train_epoch that add up over processes
+
+
+class StopRequested(Exception):
+    """Ctrl-C, agreed by every process after the same step; ``totals`` are the epoch's so far, summed."""
+
+    def __init__(self, totals: dict):
+        super().__init__("stop requested")
+        self.totals = totals
 
 
 def watch_load(totals: dict, loss: float) -> None:
@@ -44,19 +61,6 @@ def show_progress(bar) -> Hook:
     def hook(totals: dict, loss: float) -> None:
         bar.update()
         bar.set_postfix(loss=f"{loss:.3f}")
-    return hook
-
-
-def save_on_interrupt(interrupt: StopOnInterrupt, save: Callable[[dict, float], None], last_pt: Path, epoch: int,
-                      start: float) -> Hook:
-    """Ctrl-C: ``save(totals, seconds)`` of the epoch so far after this step, then stop."""
-    def hook(totals: dict, loss: float) -> None:
-        if not interrupt.requested:
-            return
-        step = totals["steps"]   # a resumed epoch's totals count the steps done before
-        save(dict(totals), time.perf_counter() - start)
-        raise Interrupted(f"stopped at epoch {epoch}, step {step}, saved in {last_pt}; continue with the same "
-                          f"command plus --resume")
     return hook
 
 

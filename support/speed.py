@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 import os
 import platform
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from some_define import Speed, UsageError
 
-# Dense bf16 tensor-core peaks from the vendors' datasheets, for the "fraction of peak" in the log.
-BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165,
-                    "4080": 97, "4070": 58, "4060": 30, "3090": 71, "3080": 60, "3070": 40, "3060": 25, "V100": 125}
+# Dense bf16 tensor-core peaks from the vendors' datasheets, for the "fraction of peak" in the log (GPUs with bf16
+# units only: compute capability 8.0 and up). The longest name found in the device's name wins (L40S before L4).
+BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L40": 181, "L4": 121, "A10": 125,
+                    "4090": 165, "4080": 97, "4070": 58, "4060": 30, "3090": 71, "3080": 60, "3070": 40, "3060": 25}
 
 
 def try_all_gpus_or_cpu(name: str | None = None) -> torch.device:
@@ -133,11 +135,15 @@ def mkldnn_bf16() -> bool:
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """'auto' = bf16 on CUDA GPUs that support it and on CPUs that compute it natively, off elsewhere (measured in
-    benchmarks/RESULTS.md)."""
+    """The autocast dtype of --amp on ``device``. 'auto': bf16 where the hardware computes it (CUDA compute
+    capability 8.0 and up: A100, H100, RTX 30xx/40xx, L4; CPUs with AMX, AVX512-BF16 or ARM BF16); fp16, with a
+    GradScaler, on CUDA GPUs that have fp16 tensor cores but no bf16 units (7.x: V100, T4, RTX 20xx; torch would
+    emulate bf16 there, slowly); off elsewhere: older GPUs, other CPUs, and Apple's MPS, where torch's autocast
+    exists but nothing here has measured it."""
     if amp == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+            major, _ = torch.cuda.get_device_capability(device)   # of this device, not of GPU 0
+            return torch.bfloat16 if major >= 8 else torch.float16 if major == 7 else None
         return torch.bfloat16 if device.type == "cpu" and cpu_native_bf16() else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
@@ -157,8 +163,6 @@ def resolve_speed(amp: str, channels_last: str, data_on_device: str, device: tor
                   nbytes: int) -> tuple[Speed, bool]:
     """The auto flags of training as choices for this device: its Speed, and whether the data lives on the device."""
     auto = lambda flag, default: default if flag == "auto" else flag == "on"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True   # fixed crop sizes: let cuDNN pick its fastest kernels once
     amp_dtype = resolve_amp(amp, device)
     return (Speed(amp_dtype, auto(channels_last, prefers_channels_last(device, amp_dtype))),
             auto(data_on_device, data_fits_on_device(nbytes, device)))
@@ -206,14 +210,24 @@ def use_cpu_kernels(net: nn.Module) -> nn.Module:
     return net
 
 
+@contextmanager
+def cudnn_autotuning(device: torch.device) -> Iterator[None]:
+    """Around the training steps: cuDNN picks its fastest kernels once for the crop's shape. Not during validation or
+    prediction, where every new image shape would be tuned again, at a cost in time and memory."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda" or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def bf16_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in BF16_PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    found = [key for key in BF16_PEAK_TFLOPS if key in name]
+    return BF16_PEAK_TFLOPS[max(found, key=len)] * 1e12 if found else None
 
 
 def train_flops_per_image(net: nn.Module, crop_hw: tuple[int, int], device: torch.device) -> float:

@@ -34,7 +34,7 @@ class AccumulatedStep:
         targets_all = self.loss.targets(labels.to(device, non_blocking=True))
         denominator = self.global_denominator(targets_all)
         optimizer.zero_grad(set_to_none=True)
-        totals = torch.zeros(3, dtype=torch.float64, device=device)   # one host sync per step, at the end
+        micro_totals = []
         chunks = list(zip(images.chunk(self.accum_steps), targets_all.chunk(self.accum_steps)))
         for k, (micro_images, targets) in enumerate(chunks):
             # Under DDP, synchronise gradients only on the last micro-batch: the others only add to them.
@@ -42,9 +42,10 @@ class AccumulatedStep:
             with sync:
                 l, logits = forward_backward(net, micro_images, targets, self.scaled, self.speed, self.scaler,
                                              denominator)
-            totals += step_totals(l, logits, targets)
+            micro_totals.append(step_totals(l, logits, targets))
         optimizer_step(optimizer, self.scaler)
-        loss_total, correct, labelled = totals.tolist()
+        # One host sync per step; the micro-batches' float32 totals add up on the host, in Python's float64.
+        loss_total, correct, labelled = map(sum, zip(*torch.stack(micro_totals).tolist()))
         share = self.loss.per_image(loss_total / self.world_size, len(images) * self.world_size)
         return share, int(correct), int(labelled)
 

@@ -41,7 +41,8 @@ def parse_tile(values: Sequence[str], overlap: float) -> Tile:
 def ramp(n: int) -> torch.Tensor:
     """1-D blending weights of an n-pixel window: sin^2, ~1 in the middle, falling toward (never to) 0 at both
     ends, so a pixel is decided mostly by the window that sees the most context around it."""
-    return torch.sin(math.pi * (torch.arange(n, dtype=torch.float64) + 0.5) / n).pow(2).float()
+    # In Python's floats, not a float64 tensor: MPS has none, and tests/test_devices.py forbids them everywhere.
+    return torch.tensor([math.sin(math.pi * (i + 0.5) / n) ** 2 for i in range(n)], dtype=torch.float32)
 
 
 def blend_weights(tile_hw: tuple[int, int], padded_hw: tuple[int, int]) -> torch.Tensor:

@@ -22,11 +22,11 @@ from .config import TrainConfig
 from .data import dataset_classes, read_split, training_batches
 from .distributed import DistributedContext, wrap_for_training
 from .download import find_data
-from .errors import StopOnInterrupt, naming_flags
+from .errors import Interrupted, StopOnInterrupt, naming_flags
 from .figures import plot_curves
 from .files import check_writable_dir, link_or_copy, new_folder_removed_on_failure, save_figure, write_history
-from .hooks import each, progress_bar, save_on_interrupt, show_progress, stop_if_not_finite, watch_load
-from .speed import (bf16_peak_flops, resolve_speed, set_threads, threads_for_load, train_flops_per_image,
+from .hooks import StopRequested, each, progress_bar, show_progress, stop_together, watch_load
+from .speed import (bf16_peak_flops, cudnn_autotuning, resolve_speed, set_threads, threads_for_load, train_flops_per_image,
                     use_cpu_kernels)
 from .steps import make_criterion, make_step
 
@@ -60,11 +60,14 @@ class MidEpoch:
     seconds: float
 
     @classmethod
-    def from_checkpoint(cls, state: dict) -> MidEpoch | None:
+    def from_checkpoint(cls, state: dict, rank: int = 0) -> MidEpoch | None:
+        """The totals saved are the sums over the processes: rank 0 goes on from them, the others from zero."""
         if not state.get("partial"):
             return None
         partial = dict(state["partial"])
-        return cls(state["epoch"] + 1, dict(partial, steps=state["step"]), partial.pop("seconds"))
+        seconds = partial.pop("seconds")
+        totals = partial if rank == 0 else dict.fromkeys(partial, 0)
+        return cls(state["epoch"] + 1, dict(totals, steps=state["step"]), seconds)
 
     def to_checkpoint(self) -> dict:
         return {"step": self.totals["steps"], "partial": dict(self.totals, seconds=self.seconds)}
@@ -195,7 +198,7 @@ def resumed_run(parts: Parts, state: dict, history: list[dict], path: Path) -> R
     set_rng_states(state["rng"])
     run_start = state.get("run_start", state["last_epoch"] - state["config"].get("epochs", 0) + 1)
     run = Run(parts, history, first_epoch=state["epoch"] + 1, last_epoch=run_start + parts.config.epochs - 1,
-              run_start=run_start, resumed=MidEpoch.from_checkpoint(state))
+              run_start=run_start, resumed=MidEpoch.from_checkpoint(state, parts.ctx.rank))
     parts.log(f"resuming {path}: epoch {run.first_epoch}" +
               (f", step {run.resumed.totals['steps']}" if run.resumed else ""))
     return run
@@ -233,14 +236,20 @@ def train_one_epoch(run: Run, epoch: int, interrupt: StopOnInterrupt) -> dict:
     bar = progress_bar(len(p.sampler), done, f"epoch {epoch}/{run.last_epoch}", p.ctx.is_main)
     last_pt = run.out / "last.pt"
 
-    def save(totals: dict, seconds: float) -> None:   # Ctrl-C: the epoch so far, resumable
-        if p.ctx.is_main:
-            save_checkpoint(last_pt, checkpoint(run, epoch - 1, True, MidEpoch(epoch, totals, seconds)))
-    on_step = each([stop_if_not_finite(p.ctx.all_sum, last_pt, epoch, p.config.lr), watch_load,
-                    show_progress(bar), save_on_interrupt(interrupt, save, last_pt, epoch, start)])
+    on_step = each([stop_together(p.ctx.all_sum, interrupt, last_pt, epoch, p.config.lr), watch_load,
+                    show_progress(bar)])
     # The sampler is seeded per epoch, so skipping replays exactly the steps a resumed run already did.
     batches = itertools.islice(p.batches(), done, None)
-    totals = train_epoch(p.net, p.optimizer, batches, p.step, resumed.totals if resumed else None, on_step)
+    try:
+        with cudnn_autotuning(p.ctx.device):
+            totals = train_epoch(p.net, p.optimizer, batches, p.step, resumed.totals if resumed else None, on_step)
+    except StopRequested as stop:   # Ctrl-C: the epoch so far, resumable
+        bar.close()
+        if p.ctx.is_main:
+            mid_epoch = MidEpoch(epoch, stop.totals, time.perf_counter() - start)
+            save_checkpoint(last_pt, checkpoint(run, epoch - 1, True, mid_epoch))
+        raise Interrupted(f"stopped at epoch {epoch}, step {stop.totals['steps']}, saved in {last_pt}; continue "
+                          f"with the same command plus --resume") from None
     bar.close()
     if p.ctx.device.type == "cuda":
         torch.cuda.synchronize(p.ctx.device)

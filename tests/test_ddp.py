@@ -3,14 +3,18 @@ validation pixel counted once, one set of outputs."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import make_voc_tree, run_script
+from conftest import REPO_ROOT, THREADS, make_voc_tree, run_script
 import some_define as sd
 from support import checkpoints, distributed, steps
 
@@ -129,3 +133,52 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
                         "--crop", "32", "32", "--pretrained", "none", "--device", "cpu")
     assert result.returncode != 0
     assert "--batch-size 3 is the global batch and must divide evenly over 2 processes" in result.stderr
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step_and_resumes_to_the_same_weights(tmp_path):
+    voc = make_voc_tree(tmp_path / "d", [(48, 48)] * 24, [(48, 64)] * 2)
+    flags = lambda out: ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                         "my_train.py", "--voc-dir", str(voc), "--epochs", "2", "--batch-size", "4", "--crop", "32",
+                         "32", "--pretrained", "none", "--device", "cpu", "--workers", "0", "--amp", "off",
+                         "--out", str(out)]
+    whole = run_script(*flags(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    env = dict(os.environ, TQDM_DISABLE="1", MPLBACKEND="Agg", OMP_NUM_THREADS=THREADS)
+    proc = subprocess.Popen([sys.executable, *flags(tmp_path / "cut")], cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 180
+    while not (tmp_path / "cut" / "history.csv").exists():   # epoch 1 done: the Ctrl-C lands in epoch 2
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)   # as a terminal's Ctrl-C: torchrun and both ranks
+    _, stderr = proc.communicate(timeout=60)   # every rank exits within seconds
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    if saved["step"]:   # stopped inside epoch 2: the totals saved are both ranks' (each saw 2 images per step)
+        assert saved["partial"]["seen"] == 4 * saved["step"]
+    resumed = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                         "my_train.py", "--resume", "--out", str(tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("whole", "cut"))
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert b["history"][1]["train_loss"] == pytest.approx(a["history"][1]["train_loss"], rel=1e-6)
+
+
+def test_torchrun_on_two_machines_trains_like_one_process(tmp_path):
+    """Two "machines" on 127.0.0.1, one process each, met by c10d rendezvous: the README's multi-node line."""
+    voc = make_voc_tree(tmp_path / "d", [(48, 48)] * 8, [(48, 64)] * 2)
+    out, port = tmp_path / "out", free_port()
+    flags = ["my_train.py", "--voc-dir", str(voc), "--epochs", "1", "--batch-size", "4", "--crop", "32", "32",
+             "--pretrained", "none", "--device", "cpu", "--workers", "0", "--amp", "off", "--out", str(out)]
+    env = dict(os.environ, TQDM_DISABLE="1", MPLBACKEND="Agg", OMP_NUM_THREADS=THREADS)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                               "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=test", *flags], cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [o[1][-2000:] for o in outputs]
+    assert "x 2 process(es)" in outputs[0][0] + outputs[1][0]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "curves.png", "history.csv", "last.pt"]
+    single = run_script(*flags[:-1], str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, one = (checkpoints.load_checkpoint(p / "last.pt")["history"][0] for p in (out, tmp_path / "single"))
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)

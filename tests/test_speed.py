@@ -4,6 +4,9 @@ path give what the plain path gives (CPU, tiny inputs), and the speed flags reje
 The speed itself is measured by benchmarks/bench.py, not here."""
 from __future__ import annotations
 
+import math
+import types
+
 import pytest
 import torch
 
@@ -296,3 +299,86 @@ def test_the_benchmark_compares_a_step_with_the_ceiling_of_its_own_precision():
     assert stats["plain"]["fraction_of_precision_ceiling"] == pytest.approx(0.8)    # of the fp32 ceiling
     assert stats["fast"]["fraction_of_precision_ceiling"] == pytest.approx(0.5)     # of the bf16 one, not 200 %
     assert stats["fast"]["fraction_of_peak"] == pytest.approx(2.0)                  # the fp32 fraction stays in the JSON
+
+
+@pytest.mark.parametrize("name, capability, amp", [
+    ("Tesla T4", (7, 5), torch.float16),                    # Colab: fp16 tensor cores, no bf16 units
+    ("Tesla V100-SXM2-16GB", (7, 0), torch.float16),
+    ("NVIDIA GeForce RTX 2080", (7, 5), torch.float16),
+    ("NVIDIA A100-SXM4-40GB", (8, 0), torch.bfloat16),
+    ("NVIDIA GeForce RTX 4070 Laptop GPU", (8, 9), torch.bfloat16),
+    ("NVIDIA H100 80GB HBM3", (9, 0), torch.bfloat16),
+    ("NVIDIA H200", (9, 0), torch.bfloat16),
+    ("Tesla P100-PCIE-16GB", (6, 0), None)])                # Pascal: fp32
+def test_each_gpu_gets_the_precision_its_hardware_computes(monkeypatch, name, capability, amp):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: types.SimpleNamespace(total_memory=16 << 30))
+    gpu = torch.device("cuda", 1)
+    assert speed.resolve_amp("auto", gpu) == amp
+    assert asked == [gpu]                                   # GPU 1's own capability, not GPU 0's
+    s, on_device = speed.resolve_speed("auto", "auto", "auto", gpu, 1 << 20)
+    assert s == sd.Speed(amp, True) and on_device
+    assert (speed.bf16_peak_flops(gpu) is None) == (amp != torch.bfloat16)   # a bf16 peak only where bf16 runs
+
+
+def test_peaks_name_the_card_not_a_prefix(monkeypatch):
+    for name, tflops in (("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("NVIDIA L4", 121)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert speed.bf16_peak_flops(torch.device("cuda")) == tflops * 1e12
+
+
+def test_apple_mps_trains_in_fp32_by_default():
+    mps = torch.device("mps")
+    assert speed.resolve_amp("auto", mps) is None and speed.resolve_speed("auto", "auto", "auto", mps, 1)[0] == \
+        sd.Speed(None, False)
+
+
+def test_cudnn_autotunes_the_training_steps_only():
+    torch.backends.cudnn.benchmark = False
+    with speed.cudnn_autotuning(torch.device("cuda")):
+        assert torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.benchmark               # validation and prediction: every shape is new
+    with speed.cudnn_autotuning(torch.device("cpu")):
+        assert not torch.backends.cudnn.benchmark
+
+
+def test_fp16_with_a_grad_scaler_skips_an_overflowing_step_then_trains():
+    """The T4/V100 path, run on the CPU: fp16 autocast, the GradScaler's skipped step and its lowered scale."""
+    torch.manual_seed(0)
+    net = speed.use_cpu_kernels(sd.build_model("fcn", 3, "none")).train()   # as training builds it
+    optimizer = sd.make_optimizer("sgd", net.parameters(), 0.1, 0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)   # loss x 2^40 overflows fp16's 65504
+    step = steps.make_step(sd.SegmentationLoss("mean", "ignore"), sd.Speed(torch.float16, False), scaler)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (2, 32, 32), dtype=torch.uint8)
+    before = [p.detach().clone() for p in net.parameters()]
+    loss, _, _ = step(net, optimizer, images, labels)
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))   # skipped: the weights are untouched
+    assert scaler.get_scale() == 2.0 ** 39 and math.isfinite(loss)
+    scaler.update(16.0)   # a scale whose gradients fp16 holds here
+    step(net, optimizer, images, labels)
+    assert not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))   # this one stepped
+    assert scaler.get_scale() == 16.0
+
+
+def test_fp16_training_resumes_with_its_scaler_to_the_same_weights(tmp_path):
+    from test_robustness import final_state, start, wait_for_epoch_1
+    voc = make_voc_tree(tmp_path / "d", [(40, 40)] * 4, [(40, 40)])
+    run = lambda out, *extra: ["origin_train.py", "--voc-dir", str(voc), "--out", str(out), "--epochs", "2",
+                               "--pretrained", "none", "--device", "cpu", "--crop", "32", "32", "--batch-size", "2",
+                               "--amp", "fp16", "--workers", "0", *extra]
+    whole = run_script(*run(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    assert "amp float16" in whole.stdout
+    proc = start(run(tmp_path / "cut"))
+    wait_for_epoch_1(tmp_path / "cut", proc)
+    proc.kill()
+    proc.wait()
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert saved["scaler"]["scale"] > 0                       # the GradScaler's state is in the checkpoint
+    resumed = run_script("origin_train.py", "--resume", "--out", str(tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "cut")
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
