@@ -20,7 +20,7 @@ DOCS = sorted([*REPO_ROOT.glob("README*.md"), *(REPO_ROOT / "docs").glob("*.md")
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z0-9][\w-]*")
 
 # Flags of other programs that the pages quote: pip's, torchrun's and curl's.
-NON_PROJECT_FLAGS = {"--index-url", "--nproc_per_node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--data-binary"}
+NON_PROJECT_FLAGS = {"--index-url", "--nproc_per_node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--node-rank", "--data-binary"}
 
 # Sentences about how the project was made rather than about the software.
 HISTORY = re.compile(r"\b20\d\d-\d\d-\d\d\b|\bUTC\b|\bsessions?\b|\bour machines?\b|\b(?:earlier|previous) "
