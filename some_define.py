@@ -698,10 +698,11 @@ def predict(img: torch.Tensor, net: nn.Module, device: torch.device | None = Non
 
 
 def evaluate(net: nn.Module, data: SegDataset, device: torch.device, num_classes: int, batch_size: int = 8,
-             speed: Speed = Speed()) -> SegMetrics:
-    """Full-resolution, deterministic metrics over whole images (the book scores random crops)."""
+             speed: Speed = Speed(), progress: Callable[[Iterable], Iterable] = iter) -> SegMetrics:
+    """Full-resolution, deterministic metrics over whole images (the book scores random crops); ``progress`` wraps
+    the loop over the images (a progress bar)."""
     metrics = SegMetrics(num_classes)
-    for i, pred in predict_full_res(net, data.images, device, batch_size, speed):
+    for i, pred in progress(predict_full_res(net, data.images, device, batch_size, speed)):
         metrics.update(pred.cpu(), data.labels[i])
     return metrics
 

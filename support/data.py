@@ -16,6 +16,7 @@ from some_define import (VOC_CLASSES, VOC_COLORMAP, VOID, VOID_COLOR, RandomCrop
                          UsageError, collate_crops, read_image, read_label, voc_colormap2label, voc_split_files)
 
 from .errors import naming_flags
+from .hooks import progress
 
 VOC_TAR = "VOCtrainval_11-May-2012.tar"
 VOC_URL = f"http://host.robots.ox.ac.uk/pascal/VOC/voc2012/{VOC_TAR}"
@@ -203,7 +204,7 @@ def read_examples(files: Sequence[tuple[str, Path, Path]], colormap: Sequence[Se
             return str(e)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:   # PIL decodes without the GIL
-        pairs = list(pool.map(lambda f: read_pair(*f), files))
+        pairs = list(progress(pool.map(lambda f: read_pair(*f), files), len(files), "reading"))
     skipped = [p for p in pairs if isinstance(p, str)]
     for problem in skipped:
         print(f"warning: skipped {problem}", file=sys.stderr)

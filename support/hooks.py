@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from some_define import UsageError
 
@@ -48,6 +48,14 @@ class StopRequested(Exception):
 
 def watch_load(totals: dict, loss: float) -> None:
     look_at_load()
+
+
+def progress(items: Iterable, total: int, description: str, shown: bool = True) -> Iterable:
+    """``items``, with a progress bar on a terminal, for the long parts that would be silent: validation, --eval, a
+    large photo's windows, reading a dataset (a log stays clean, as with progress_bar)."""
+    from tqdm import tqdm
+    return tqdm(items, total=total, leave=False, desc=description, dynamic_ncols=True,
+                disable=not (shown and sys.stderr.isatty()))
 
 
 def progress_bar(total: int, done: int, description: str, shown: bool):

@@ -19,6 +19,7 @@ from .download import find_data
 from .export import predict_files
 from .figures import prediction_figure
 from .files import save_figure, write_json
+from .hooks import progress
 from .speed import inference_speed, set_threads, threads_for_load, try_all_gpus_or_cpu
 
 Model = tuple[str, nn.Module, dict, Path]   # (row label, network, checkpoint, its file)
@@ -43,7 +44,8 @@ def split_metrics(net: nn.Module, checkpoint: dict, data: SegDataset, device: to
                   speed: Speed = Speed()) -> dict:
     """The metrics JSON of --eval and the study: num_images, pixel_acc, mean_class_acc, miou, per_class_iou,
     d2l_pixel_acc, confusion_matrix."""
-    metrics = evaluate(net, data, device, checkpoint["num_classes"], batch_size, speed)
+    metrics = evaluate(net, data, device, checkpoint["num_classes"], batch_size, speed,
+                       lambda images: progress(images, len(data), "evaluating"))
     return {"num_images": len(data), **metrics.compute(checkpoint["class_names"])}
 
 

@@ -85,7 +85,8 @@ def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, 
     class_names, colormap = dataset_classes(base.classes)
     val_set = read_split(data_dir, base.val_split, colormap, base.ignore_index)
     rows, models = [], []
-    for name, preset in presets.items():
+    for k, (name, preset) in enumerate(presets.items(), 1):
+        print(f"=== {k} of {len(presets)} presets")   # a study takes hours on a CPU: how far it is
         if preset.get("only_with_background") and class_names[0] != "background":
             print(f"=== preset {name}: left out, class 0 is {class_names[0]!r}, not a background")
             continue

@@ -11,6 +11,7 @@ from torch import nn
 
 from some_define import STRIDE, Speed, UsageError, padded_logits, padded_size, predict
 
+from .hooks import progress
 from .speed import look_at_load
 
 DEFAULT_TILE = (512, 512)
@@ -98,7 +99,8 @@ def predict_tiled(image: torch.Tensor, net: nn.Module, device: torch.device, til
     pred = torch.empty(height, width, dtype=torch.int64)
     strip, strip_top = None, 0
     # The argmax of the weighted sum is that of the weighted mean: every pixel's weight total is positive.
-    for top, row in groupby(tile_windows((height, width), tile_hw, overlap), key=lambda window: window[0]):
+    windows = tile_windows((height, width), tile_hw, overlap)
+    for top, row in groupby(progress(windows, len(windows), "windows"), key=lambda window: window[0]):
         if strip is not None:
             done = top - strip_top
             pred[strip_top:top] = strip[:, :done].argmax(0).cpu()

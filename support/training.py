@@ -25,7 +25,7 @@ from .download import find_data
 from .errors import Interrupted, StopOnInterrupt, naming_flags
 from .figures import plot_curves
 from .files import check_writable_dir, link_or_copy, new_folder_removed_on_failure, save_figure, write_history
-from .hooks import StopRequested, each, progress_bar, show_progress, stop_together, watch_load
+from .hooks import StopRequested, each, progress, progress_bar, show_progress, stop_together, watch_load
 from .speed import (bf16_peak_flops, cudnn_autotuning, resolve_speed, set_threads, threads_for_load, train_flops_per_image,
                     use_cpu_kernels)
 from .steps import make_criterion, make_step
@@ -266,7 +266,8 @@ def validate(run: Run, epoch: int) -> dict:
     if epoch % p.config.val_every and epoch != run.last_epoch:
         return {}
     metrics = evaluate(unwrap(p.net), p.val_share, p.ctx.device, len(p.class_names),
-                       p.config.batch_size // p.ctx.world_size, p.speed)
+                       p.config.batch_size // p.ctx.world_size, p.speed,
+                       lambda images: progress(images, len(p.val_share), "validating", p.ctx.is_main))
     metrics.reduce_from_all_processes(p.ctx.device)
     values = metrics.compute(p.class_names)
     return {"val_acc": values["pixel_acc"], "val_miou": values["miou"]}

@@ -5,6 +5,7 @@ The speed itself is measured by benchmarks/bench.py, not here."""
 from __future__ import annotations
 
 import math
+import sys
 import types
 
 import pytest
@@ -382,3 +383,17 @@ def test_fp16_training_resumes_with_its_scaler_to_the_same_weights(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "cut")
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+
+
+def test_long_parts_show_progress_on_a_terminal_only(monkeypatch, capsys, tiny_voc):
+    from support import hooks
+    torch.manual_seed(0)
+    net = sd.build_model("fcn", 21, "none").eval()
+    val = data.read_split(tiny_voc, "val", sd.VOC_COLORMAP)
+    for terminal in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+        shown = []
+        sd.evaluate(net, val, torch.device("cpu"), 21, 2,
+                    progress=lambda images: hooks.progress(shown.append(1) or images, len(val), "validating"))
+        err = capsys.readouterr().err
+        assert shown == [1] and ("validating" in err) == terminal   # nohup ... > log: no bar frames in the log
