@@ -278,10 +278,6 @@ class RandomCropBatchSampler(torch.utils.data.Sampler):
         return (i, *rand_crop_window(self.sizes[i], window, g), *window, flip)
 
 
-def collate_crops(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-
-
 def load_data_voc(batch_size: int, crop_size: tuple[int, int], voc_dir: str | os.PathLike = "VOC2012",
                   seed: int = 0, num_workers: int = 0) -> tuple[torch.utils.data.DataLoader, SegDataset]:
     """The training batches and the validation split of VOC."""
@@ -289,8 +285,7 @@ def load_data_voc(batch_size: int, crop_size: tuple[int, int], voc_dir: str | os
     # the second value is the dataset itself, for evaluate().
     train_set = VOCSegDataset(True, crop_size, voc_dir)
     sampler = RandomCropBatchSampler(train_set, batch_size, seed)
-    train_iter = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_crops,
-                                             num_workers=num_workers)
+    train_iter = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers)
     return train_iter, VOCSegDataset(False, crop_size, voc_dir)
 
 

@@ -11,9 +11,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from some_define import (VOC_CLASSES, VOC_COLORMAP, VOID, VOID_COLOR, RandomCropBatchSampler, SegDataset,
-                         UsageError, collate_crops, read_image, read_label, voc_colormap2label, voc_split_files)
+                         UsageError, read_image, read_label, voc_colormap2label, voc_split_files)
 
 from .errors import naming_flags
 from .hooks import progress
@@ -268,7 +269,7 @@ def crop_batches_on_device(dataset: SegDataset, sampler: RandomCropBatchSampler
                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The data path when the split lives in GPU memory: slice crops there, no worker processes, no copies."""
     for batch in sampler:
-        yield collate_crops([dataset[key] for key in batch])
+        yield default_collate([dataset[key] for key in batch])
 
 
 def training_batches(train_set: SegDataset, sampler: RandomCropBatchSampler, device: torch.device,
@@ -277,7 +278,6 @@ def training_batches(train_set: SegDataset, sampler: RandomCropBatchSampler, dev
     if data_on_device:
         device_set = to_device(train_set, device)
         return lambda: crop_batches_on_device(device_set, sampler)
-    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_crops,
-                                         num_workers=workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     return lambda: iter(loader)

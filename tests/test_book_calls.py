@@ -75,7 +75,7 @@ def test_voc_seg_dataset_and_load_data_voc_as_the_chapter_builds_them(tmp_path):
     train_iter, val_set = sd.load_data_voc(2, crop_size, voc_dir, seed=3)
     sampler = sd.RandomCropBatchSampler(internal, 2, seed=3)
     for (X, Y), keys in zip(train_iter, sampler):
-        expected = sd.collate_crops([internal[key] for key in keys])
+        expected = torch.utils.data.default_collate([internal[key] for key in keys])
         assert torch.equal(X, expected[0]) and torch.equal(Y, expected[1])
     assert len(val_set) == 3 and [tuple(x.shape[1:]) for x in val_set.images] == TINY_VAL_SIZES
 

@@ -167,7 +167,7 @@ def test_dataloader_workers_give_identical_batches():
     def batches(workers: int):
         sampler = sd.RandomCropBatchSampler(ds, batch_size=2, seed=3)
         sampler.set_epoch(1)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=sd.collate_crops,
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler,
                                              num_workers=workers)
         return list(loader), keys_of(sampler)
 
@@ -404,7 +404,7 @@ def test_augmented_batches_are_the_same_on_every_data_path():
         s.set_epoch(2)
         return s
 
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler(), collate_fn=sd.collate_crops, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler(), num_workers=2)
     for (x, y), (xd, yd) in zip(loader, crop_batches_on_device(ds, sampler())):
         assert torch.equal(x, xd) and torch.equal(y, yd)
 

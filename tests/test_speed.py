@@ -183,7 +183,7 @@ def test_on_device_path_yields_the_dataloader_crops(tmp_path):
         return out
 
     def loader(workers: int):
-        return lambda sampler: torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=sd.collate_crops,
+        return lambda sampler: torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                                            num_workers=workers)
     on_device = epochs(lambda sampler: crop_batches_on_device(device_set, sampler))
     for workers in (0, 2):
