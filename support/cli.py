@@ -10,8 +10,8 @@ from some_define import MODELS, STRIDE, UsageError
 
 from .data import CLASS_WEIGHT_POWERS, VOC_TAR, VOC_URL, dataset_classes
 from .checkpoints import load_checkpoint
-from .config import (DEMO_DEFAULTS, FIELDS, PREDICT_FIELDS, PredictConfig, Start, TrainConfig, check_train_config,
-                     merge_settings, void_rule)
+from .config import (APPLIED_QUIETLY, DEMO_DEFAULTS, FIELDS, PREDICT_FIELDS, PredictConfig, Start, TrainConfig,
+                     check_train_config, merge_settings, void_rule)
 from .distributed import env_rank
 from .speed import try_all_gpus_or_cpu
 from .tiles import AUTO_TILE_PIXELS, DEFAULT_OVERLAP, DEFAULT_TILE, parse_tile
@@ -209,7 +209,7 @@ def say_start(start: Start, given: dict) -> None:
         return
     taken = start.settings()
     changed = [f"--{key.replace('_', '-')} {shown(given[key])} (was {shown(taken[key])})"
-               for key in given if key in taken and given[key] != taken[key]]
+               for key in given if key in taken and given[key] != taken[key] and key not in APPLIED_QUIETLY]
     if changed:
         print(f"note: resuming {start.path} with other settings than it started with: {', '.join(changed)}")
 

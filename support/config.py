@@ -112,9 +112,11 @@ def stored_config(config: dict) -> dict:
 
 # With --demo, every default below that the user did not set shrinks to this, so a run takes minutes on a laptop CPU.
 DEMO_DEFAULTS = {"crop": [64, 64], "epochs": 12, "batch_size": 8, "pretrained": "none", "device": "cpu"}
-# A fine-tune trains on its checkpoint's data; a resume continues the whole run, but for how it runs here and now.
+# A fine-tune trains on its checkpoint's data; a resume continues the whole run, on its device unless told otherwise,
+# with this machine's threads and loader workers.
 FINETUNE_TAKES = ("data_dir", "demo", "classes", "ignore_index")
-RESUME_LEAVES = ("device", "threads", "workers", "out", "resume")
+RESUME_LEAVES = ("threads", "workers", "out", "resume")
+APPLIED_QUIETLY = ("device",)   # given with --resume: no note, the run goes on elsewhere
 
 
 @dataclass(frozen=True)

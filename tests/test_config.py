@@ -62,8 +62,8 @@ def test_one_merge_in_order_defaults_demo_preset_checkpoint_flags_and_where_each
     assert (values["lr"], origins["lr"]) == (5e-4, "checkpoint")
     assert (values["batch_size"], origins["batch_size"]) == (4, "preset p")
     assert (values["epochs"], origins["epochs"]) == (9, "flag")
-    # the device is this machine's, not the checkpoint's; it goes on writing beside the last.pt it resumes
-    assert values["device"] == "cpu" and origins["device"] == "--demo" and values["out"] == "runs/x"
+    # a demo run started on a GPU goes on there, writing beside the last.pt it resumes
+    assert values["device"] == "cuda" and origins["device"] == "checkpoint" and values["out"] == "runs/x"
     finetune = config.Start("finetune", "base.pt", {"lr": 5e-4, "data_dir": "camvid", "ignore_index": 11})
     values, origins = config.merge_settings(defaults, {}, None, finetune)
     assert (values["lr"], values["data_dir"], values["ignore_index"]) == (1e-3, "camvid", 11)   # its data only
