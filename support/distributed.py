@@ -41,6 +41,16 @@ class DistributedContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def __enter__(self) -> DistributedContext:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close the process group: a rank that exits with it open can abort in gloo's teardown ("terminate called
+        without an active exception", seen in a 2-process CPU run), and torch warns of leaked resources."""
+        import torch.distributed as dist
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def all_sum(self, *values: float) -> list[float]:
         """Sum numbers over all ranks (a no-op in a single process)."""
         if self.world_size == 1:

@@ -335,15 +335,16 @@ def train(config: TrainConfig) -> list[dict]:
     """Train config.model on the train split, validating on val; returns the history."""
     with new_folder_removed_on_failure(config.out):   # a run that fails before its first epoch leaves no OUT
         parts, state, history = set_up(config)
-        resume = resume_checkpoint_path(config.resume, Path(config.out))
-        run = resumed_run(parts, state, history, resume) if resume else new_run(parts, history)
-        run.best = (best_of_run(run.history, run.run_start) or {"val_miou": -1.0})["val_miou"]
-        with StopOnInterrupt() as interrupt:
-            for epoch in range(run.first_epoch, run.last_epoch + 1):
-                row = train_one_epoch(run, epoch, interrupt)
-                run.history.append({**row, **validate(run, epoch)})
-                parts.log(epoch_line(run.history[-1], run.last_epoch, parts.ctx.device, parts.flops), flush=True)
-                if parts.ctx.is_main:
-                    save_epoch(run)
-        finish(run)
+        with parts.ctx:   # under torchrun, the process group is closed however the run ends
+            resume = resume_checkpoint_path(config.resume, Path(config.out))
+            run = resumed_run(parts, state, history, resume) if resume else new_run(parts, history)
+            run.best = (best_of_run(run.history, run.run_start) or {"val_miou": -1.0})["val_miou"]
+            with StopOnInterrupt() as interrupt:
+                for epoch in range(run.first_epoch, run.last_epoch + 1):
+                    row = train_one_epoch(run, epoch, interrupt)
+                    run.history.append({**row, **validate(run, epoch)})
+                    parts.log(epoch_line(run.history[-1], run.last_epoch, parts.ctx.device, parts.flops), flush=True)
+                    if parts.ctx.is_main:
+                        save_epoch(run)
+            finish(run)
     return run.history
