@@ -3,6 +3,7 @@ resume, one epoch, validate, save; each epoch writes history.csv, curves.png, la
 from __future__ import annotations
 
 import itertools
+from contextlib import nullcontext
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from .checkpoints import (check_checkpoint_matches, load_checkpoint, make_checkp
                           rng_states, save_checkpoint, set_rng_states, unwrap)
 from .config import TrainConfig
 from .data import dataset_classes, read_split, training_batches
-from .distributed import DistributedContext, wrap_for_training
+from .distributed import DistributedContext, env_rank, wrap_for_training
 from .download import find_data
 from .errors import Interrupted, StopOnInterrupt, naming_flags
 from .figures import plot_curves
@@ -132,9 +133,9 @@ def set_up(config: TrainConfig) -> tuple[Parts, dict | None, list[dict]]:
     seed_everything(config.seed)
     log = print if ctx.is_main else (lambda *a, **k: None)
     data_dir = find_data(config.data_dir, config.demo, config.download, config.mirror)   # before OUT is made
+    check_global_batch(config.batch_size, ctx.world_size)
     if ctx.is_main:
         check_writable_dir(Path(config.out), "--out")
-    check_global_batch(config.batch_size, ctx.world_size)
     threads_for_load(config.threads, ctx.device, ctx.world_size, log)
     train_set, val_set, class_names, colormap = read_data(config, data_dir, log)
     speed, data_on_device = resolve_speed(config.amp, config.channels_last, config.data_on_device, ctx.device,
@@ -333,7 +334,8 @@ def finish(run: Run) -> None:
 
 def train(config: TrainConfig) -> list[dict]:
     """Train config.model on the train split, validating on val; returns the history."""
-    with new_folder_removed_on_failure(config.out):   # a run that fails before its first epoch leaves no OUT
+    # A run that fails before its first epoch leaves no OUT; rank 0 made it, so only rank 0 may take it away.
+    with new_folder_removed_on_failure(config.out) if env_rank() == 0 else nullcontext():
         parts, state, history = set_up(config)
         with parts.ctx:   # under torchrun, the process group is closed however the run ends
             resume = resume_checkpoint_path(config.resume, Path(config.out))
