@@ -51,8 +51,8 @@ SHARED_FLAGS = {
                f"changes the defaults to {DEMO_CHANGES}", "use the built-in synthetic data"),
     "--classes": (dict(metavar="FILE"),
                   "your dataset's classes, one per line: 'name' or 'name R G B' (R G B: integers 0..255; a name may "
-                  "hold spaces, and without a colour it must not end in a number); index = line number; classes without "
-                  "colours get well-separated ones, none black; default: VOC's 21",
+                  "hold spaces, and without a colour it must not end in a number); index = line number; classes "
+                  "without colours get well-separated ones, none black; default: VOC's 21",
                   "the class file the checkpoint was trained with (checked against the classes the checkpoint "
                   "carries)"),
     "--ignore-index": (dict(type=int, metavar="K"), "label value K is void like 255 (e.g. CamVid's 'unlabelled' 11)",
@@ -126,8 +126,8 @@ def add_data_flags(data) -> None:
                       "training masks (rare classes count more), or its square root (a softer balance)")
     data.add_argument("--skip-bad", action="store_true",
                       help="leave out unreadable or inconsistent examples with a warning (default: stop)")
-    data.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes (default: 4 on a GPU, 0 on the CPU, "
-                      "where crops are cheap and workers would compete with the training threads)")
+    data.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes (default: 4 on a GPU, "
+                      "0 on the CPU, where crops are cheap and workers would compete with the training threads)")
 
 
 def add_model_flags(model, choose_model: bool) -> None:
@@ -200,11 +200,11 @@ def starting_checkpoint(given: dict, defaults: dict, preset: dict) -> Start | No
 def say_start(start: Start, given: dict) -> None:
     """One line on what a fine-tune takes from its checkpoint, or what a resume changes of the run it continues."""
     if start.how == "finetune":
-        taken = {key: value for key, value in start.settings().items() if key not in given}
-        if taken:
-            data = "the synthetic demo data" if taken.get("demo") else taken.get("data_dir") or "VOC2012"
-            print(f"note: training on the data of {start.path}: {data}, classes {taken.get('classes') or 'VOC'}, "
-                  f"ignore index {taken.get('ignore_index')} (--voc-dir, --demo, --classes or --ignore-index to "
+        if set(start.settings()) - set(given):   # some data setting comes from the checkpoint
+            d = dict(start.settings(), **given)
+            data = "the synthetic demo data" if d.get("demo") else d.get("data_dir") or "VOC2012"
+            print(f"note: training on the data of {start.path}: {data}, classes {d.get('classes') or 'VOC'}, "
+                  f"ignore index {d.get('ignore_index')} (--voc-dir, --demo, --classes or --ignore-index to "
                   f"choose others)")
         return
     taken = start.settings()

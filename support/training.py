@@ -27,8 +27,8 @@ from .errors import Interrupted, StopOnInterrupt, naming_flags
 from .figures import plot_curves
 from .files import check_writable_dir, link_or_copy, new_folder_removed_on_failure, save_figure, write_history
 from .hooks import StopRequested, each, progress, progress_bar, show_progress, stop_together, watch_load
-from .speed import (bf16_peak_flops, cudnn_autotuning, resolve_speed, set_threads, threads_for_load, train_flops_per_image,
-                    use_cpu_kernels)
+from .speed import (bf16_peak_flops, cudnn_autotuning, resolve_speed, set_threads, threads_for_load,
+                    train_flops_per_image, use_cpu_kernels)
 from .steps import make_criterion, make_step
 
 
