@@ -30,7 +30,9 @@ def preset_config(given: dict, name: str, out: Path, presets: dict, defaults: di
     preset.pop("only_with_background", None)
     if then:
         preset.update(finetune_from=str(out / then / "last.pt"), epochs=finetune_epochs)
-    given = {key: value for key, value in given.items() if key != "out"}   # --out is the folder of all presets
+    # --out is the folder of all presets; --epochs the length of the trained-from-scratch ones: a fine-tune is
+    # the original repository's "then N more epochs" on top of its base, however long that base ran.
+    given = {key: value for key, value in given.items() if key != "out" and not (then and key == "epochs")}
     if given.get("resume") == "auto" and finished_or_new(out / name):
         del given["resume"]
     return train_config(given, defaults, (name, preset))

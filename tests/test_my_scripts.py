@@ -62,6 +62,7 @@ def test_each_preset_sets_its_network_optimizer_and_lr(name, model, optimizer, l
     if name.endswith("ft-1e-5"):   # 30 epochs of unet-adam-1e-4, then 10 more
         assert args.finetune_from == str(Path("OUT") / "unet-adam-1e-4" / "last.pt") and args.epochs == 10
         assert preset(name, "--demo").epochs == my_train.FINETUNE_EPOCHS["demo"]
+        assert preset(name, "--epochs", "150").epochs == 10   # --epochs is the base run's: 150, then 10 more
     else:
         assert args.finetune_from is None and args.epochs == 30
 
@@ -123,7 +124,7 @@ def test_study_writes_its_table_and_skips_finished_presets(voc, tmp_path):
     for name in my_train.PRESETS:
         assert f"| {name} |" in table
         assert (tmp_path / "runs" / name / "eval.json").is_file()
-    assert "| 1+1 |" in table    # the fine-tuned preset continues unet-adam-1e-4's epoch
+    assert "| 1+10 |" in table    # the fine-tune: 10 epochs on top of unet-adam-1e-4's one (--epochs is the base's)
     assert Image.open(tmp_path / "pics" / "study.png").size[1] > 0
     again = run_script(*flags)
     assert again.returncode == 0, again.stderr
