@@ -1,6 +1,7 @@
 """The project's figures: predictions beside the ground truth with a colour key, and training curves."""
 from __future__ import annotations
 
+import statistics
 from typing import Sequence
 
 import torch
@@ -98,20 +99,24 @@ def plot_curves(history: list[dict], title: str = "", finetune_start: int | None
 
 
 def study_curves(runs: dict[str, tuple[str, list[dict]]], title: str = ""):
-    """Val mIoU and train loss per epoch of every preset of a study ({name: (network, history)}), in one figure:
-    a colour per preset (up to 20), FCNs dashed."""
+    """Train loss per epoch, val mIoU per epoch and val mIoU per hour of training of every preset of a study
+    ({name: (network, history)}), in one figure: a colour per preset (up to 20), FCNs dashed."""
     plt = plt_module()
-    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig, (ax_loss, ax_miou, ax_time) = plt.subplots(1, 3, figsize=(15, 3.8))
     tab20 = plt.get_cmap("tab20").colors
     colors = tab20[::2] + tab20[1::2]   # the ten strong colours first, then their light twins
     for k, (name, (network, history)) in enumerate(runs.items()):
         style = dict(label=name, color=colors[k % len(colors)], linestyle="--" if network == "fcn" else "-")
         validated = [h for h in history if h["val_miou"] is not None]
+        # The median epoch, not the clock: a run paused or sharing its CPU for a while would be stretched by it.
+        hours = statistics.median(float(h["seconds"]) for h in history) / 3600
         ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], **style)
         ax_miou.plot([h["epoch"] for h in validated], [h["val_miou"] for h in validated], **style)
+        ax_time.plot([h["epoch"] * hours for h in validated], [h["val_miou"] for h in validated], **style)
     ax_loss.set(xlabel="epoch", ylabel="train loss")
     ax_miou.set(xlabel="epoch", ylabel="val mIoU", ylim=(0, 1))
-    ax_miou.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))   # beside the curves, not over them
+    ax_time.set(xlabel="training hours (epochs x its median epoch time)", ylabel="val mIoU", ylim=(0, 1))
+    ax_time.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))   # beside the curves, not over them
     if title:
         fig.suptitle(title)
     fig.tight_layout()

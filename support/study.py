@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from some_define import Speed
+from some_define import SegDataset, Speed
 
 from .cli import train_config
 from .config import TrainConfig
@@ -55,11 +55,11 @@ def train_preset(given: dict, name: str, out: Path, presets: dict, defaults: dic
 
 
 def evaluate_preset(given: dict, name: str, out: Path, presets: dict, defaults: dict, finetune_epochs: int,
-                    val_set, device: torch.device, speed: Speed) -> tuple[dict, nn.Module]:
-    """A preset's eval.json (trained first unless it finished before, and measured, unless eval.json exists: a rerun
-    skips finished presets) and its network."""
+                    splits: dict[str, SegDataset], device: torch.device, speed: Speed) -> tuple[dict, nn.Module]:
+    """A preset's eval.json (trained first unless it finished before, and measured on the val split and on the
+    train split it learned from, unless eval.json holds both: a rerun skips finished presets) and its network."""
     result_path = out / name / "eval.json"
-    done = result_path.is_file()
+    done = result_path.is_file() and "train" in read_json(result_path)
     started = time.perf_counter()
     if done:
         print(f"=== preset {name}: done before, skipped ({result_path})")
@@ -69,9 +69,12 @@ def evaluate_preset(given: dict, name: str, out: Path, presets: dict, defaults: 
         train_preset(given, name, out, presets, defaults, finetune_epochs)
     net, checkpoint = open_model(out / name / "last.pt", device)
     if not done:
-        metrics = split_metrics(net, checkpoint, val_set, device, 8, speed)
+        metrics = split_metrics(net, checkpoint, splits["val"], device, 8, speed)
+        # Does the network fit what it saw? Whole train images, no augmentation: the val split's conditions.
+        fit = split_metrics(net, checkpoint, splits["train"], device, 8, speed)
+        train = {key: fit[key] for key in ("num_images", "pixel_acc", "mean_class_acc", "miou", "per_class_iou")}
         write_json({"preset": name, "config": checkpoint["config"], "history": checkpoint["history"],
-                    "wall_seconds": time.perf_counter() - started, **metrics}, result_path)
+                    "wall_seconds": time.perf_counter() - started, **metrics, "train": train}, result_path)
     return read_json(result_path), net
 
 
@@ -85,21 +88,22 @@ def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, 
     speed = inference_speed(base.amp, device)
     data_dir = find_data(base.data_dir, base.demo, base.download, base.mirror)
     class_names, colormap = dataset_classes(base.classes)
-    val_set = read_split(data_dir, base.val_split, colormap, base.ignore_index)
+    splits = {split: read_split(data_dir, getattr(base, f"{split}_split"), colormap, base.ignore_index)
+              for split in ("val", "train")}
     rows, models = [], []
     for k, (name, preset) in enumerate(presets.items(), 1):
         print(f"=== {k} of {len(presets)} presets")   # a study takes hours on a CPU: how far it is
         if preset.get("only_with_background") and class_names[0] != "background":
             print(f"=== preset {name}: left out, class 0 is {class_names[0]!r}, not a background")
             continue
-        row, net = evaluate_preset(given, name, out, presets, defaults, finetune_epochs, val_set, device, speed)
+        row, net = evaluate_preset(given, name, out, presets, defaults, finetune_epochs, splits, device, speed)
         rows.append(row)
         models.append((name, net))
     pictures = Path(pictures) if pictures else study_pictures_dir(base.demo, data_dir)
     what = "synthetic demo data (random-init backbones)" if base.demo else data_dir.name   # not its path on this disk
     write_text(study_table(rows, what), pictures / "study.md")
     # Evenly spaced over the val split: CamVid's val split is consecutive frames of a few drives.
-    save_figure(prediction_figure(models, chosen_examples(val_set, num, spread=True), colormap, class_names, device,
+    save_figure(prediction_figure(models, chosen_examples(splits["val"], num, spread=True), colormap, class_names, device,
                                   title=what, speed=speed), pictures / "study.png")
     runs = {r["preset"]: (r["config"]["model"], r["history"]) for r in rows}
     save_figure(study_curves(runs, what), pictures / "study_curves.png")
@@ -122,8 +126,9 @@ def augmentation(config: dict) -> str:
 def study_table(rows: list[dict], data: str) -> str:
     """study.md: one row per preset, then per-class IoU."""
     head = ["preset", "network", "optimizer", "lr", "wd", "loss", "void", "class weights", "augmentation", "epochs",
-            "pixel acc", "d2l pixel acc", "mean class acc", "mIoU", "train time (s)", "images/s"]
-    lines = [f"# The study on {data}", "", "Validation metrics at full resolution over the whole val split.", "",
+            "pixel acc", "d2l pixel acc", "mean class acc", "mIoU", "train mIoU", "train time (s)", "images/s"]
+    lines = [f"# The study on {data}", "", "Validation metrics at full resolution over the whole val split; train "
+             "mIoU: the same over the whole train split (does the network fit what it learned from?).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c, h = r["config"], r["history"]
@@ -134,7 +139,7 @@ def study_table(rows: list[dict], data: str) -> str:
         d2l = f"{r['d2l_pixel_acc']:.3f}" if "d2l_pixel_acc" in r else "-"   # only with a background class
         lr = f"{c['lr']:g}" + (" poly" if c.get("lr_schedule") == "poly" else "")
         lines.append(f"| {r['preset']} | {c['model']} | {c['optimizer']} | {lr} | {c['wd']:g} | {c['loss']} | "
-                     f"{c['void']} | {c.get('class_weights', 'none')} | {augmentation(c)} | {epochs} | {r['pixel_acc']:.3f} | {d2l} | {r['mean_class_acc']:.3f} | {r['miou']:.3f} | "
+                     f"{c['void']} | {c.get('class_weights', 'none')} | {augmentation(c)} | {epochs} | {r['pixel_acc']:.3f} | {d2l} | {r['mean_class_acc']:.3f} | {r['miou']:.3f} | {r['train']['miou']:.3f} | "
                      f"{seconds:.0f} | {speed:.1f} |")
     classes = [k for k in rows[0]["per_class_iou"] if any(r["per_class_iou"][k] is not None for r in rows)]
     lines += ["", "Per-class IoU (classes absent from the val split and from every prediction are left out):", "",

@@ -110,3 +110,18 @@ def test_a_schedule_is_titled_with_its_first_and_last_lr():
     poly = [0.01 * (1 - done / 3) ** 0.9 for done in range(3)]   # training.epoch_lr's poly schedule
     fig = figures.plot_curves(history(poly), finetune_start=3)
     assert fig.get_suptitle() == f"epochs 1-2, lr 0.01 to {poly[1]:g}; fine-tune epoch 3, lr {poly[2]:g}"
+
+
+def test_study_curves_put_each_validation_at_its_epochs_times_the_median_epoch_time():
+    def history(seconds: list[float]) -> list[dict]:
+        return [dict(epoch=k, train_loss=1.0 / k, seconds=s, val_miou=0.1 * k if k % 2 == 0 else None)
+                for k, s in enumerate(seconds, 1)]
+    # The FCN's third epoch was paused for an hour: its median epoch is still 60 s.
+    runs = {"fcn": ("fcn", history([60, 60, 3660, 60])), "unet": ("unet", history([360, 360, 360, 360]))}
+    fig = figures.study_curves(runs, "street")
+    ax_loss, ax_miou, ax_time = fig.axes
+    (fcn_time, unet_time), (fcn_epochs, _) = ax_time.get_lines(), ax_miou.get_lines()
+    assert list(fcn_epochs.get_xdata()) == [2, 4] and list(fcn_time.get_ydata()) == pytest.approx([0.2, 0.4])
+    assert list(fcn_time.get_xdata()) == pytest.approx([2 / 60, 4 / 60])   # hours
+    assert list(unet_time.get_xdata()) == pytest.approx([0.2, 0.4]) and unet_time.get_linestyle() == "-"
+    assert fcn_time.get_linestyle() == "--" and ax_time.get_legend() is not None

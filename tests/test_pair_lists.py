@@ -12,7 +12,7 @@ from PIL import Image
 import origin_train
 import some_define as sd
 from conftest import train_config_of, run_script
-from support import checkpoints, cli, data, study
+from support import checkpoints, cli, data, prediction, study
 
 CLASSES = "sky 128 128 128\nroad 128 64 128\ncar 64 0 128\n"   # class 0 is not a background, as in CamVid
 UNLABELLED = 3                                                  # CamVid's 'unlabelled' value, void via --ignore-index
@@ -129,11 +129,11 @@ def test_void_background_only_where_class_0_is_background(tmp_path, capsys):
 def test_study_on_a_pair_list_dataset(tmp_path):
     root = make_pair_list_dataset(tmp_path / "street", {"train": 4, "val": 2}, hw=(64, 64))
     pictures = tmp_path / "pics"
-    result = run_script("my_train.py", "--study", "--voc-dir", str(root), "--classes", str(root / "classes.txt"),
-                        "--ignore-index", str(UNLABELLED), "--presets", "fcn-sgd-1e-3", "unet-adam-1e-4-void-bg",
-                        "unet-reference-mfw", "--out", str(tmp_path / "runs"), "--pictures", str(pictures),
-                        "--epochs", "1", "--batch-size", "2", "--crop", "32", "32", "--pretrained", "none",
-                        "--device", "cpu", "--num", "2")
+    flags = ["my_train.py", "--study", "--voc-dir", str(root), "--classes", str(root / "classes.txt"),
+             "--ignore-index", str(UNLABELLED), "--out", str(tmp_path / "runs"), "--pictures", str(pictures),
+             "--epochs", "1", "--batch-size", "2", "--crop", "32", "32", "--pretrained", "none", "--device", "cpu",
+             "--num", "2"]
+    result = run_script(*flags, "--presets", "fcn-sgd-1e-3", "unet-adam-1e-4-void-bg", "unet-reference-mfw")
     assert result.returncode == 0, result.stderr
     assert "unet-adam-1e-4-void-bg: left out, class 0 is 'sky'" in result.stdout
     table = (pictures / "study.md").read_text()
@@ -145,6 +145,20 @@ def test_study_on_a_pair_list_dataset(tmp_path):
     config = study.read_json(tmp_path / "runs" / "unet-reference-mfw" / "eval.json")["config"]
     weights = checkpoints.load_checkpoint(tmp_path / "runs" / "unet-reference-mfw" / "last.pt")["class_weights"]
     assert config["class_weights"] == "median-freq" and len(weights) == 3
+    # The train split's own metrics: whole images of the 4 it learned from, the val split's conditions.
+    folder = tmp_path / "runs" / "fcn-sgd-1e-3"
+    result_json = study.read_json(folder / "eval.json")
+    net, checkpoint = prediction.open_model(folder / "last.pt", torch.device("cpu"))
+    train_set = data.read_split(root, "train", data.read_classes(root / "classes.txt")[1], UNLABELLED)
+    fit = prediction.split_metrics(net, checkpoint, train_set, torch.device("cpu"), 8)
+    assert result_json["train"]["num_images"] == 4 and result_json["train"]["miou"] == pytest.approx(fit["miou"])
+    assert f"| {result_json['miou']:.3f} | {fit['miou']:.3f} |" in table
+    # An eval.json without them (written before the study measured them) is measured again, not retrained.
+    study.write_json({k: v for k, v in result_json.items() if k != "train"}, folder / "eval.json")
+    again = run_script(*flags, "--presets", "fcn-sgd-1e-3")
+    assert again.returncode == 0, again.stderr
+    assert "fcn-sgd-1e-3: trained before, evaluating" in again.stdout and "epoch 1/1" not in again.stdout
+    assert study.read_json(folder / "eval.json")["train"]["miou"] == pytest.approx(fit["miou"])
 
 
 def test_a_study_on_other_data_goes_to_its_own_pictures_folder(tmp_path):
