@@ -53,6 +53,21 @@ def on_cpu(value: Any) -> Any:
     return value
 
 
+# What only resuming reads (training.checkpoint writes them into last.pt while a run goes on).
+RESUME_KEYS = ("step", "partial", "last_epoch", "optimizer", "scaler", "rng")
+
+
+def half_weights(checkpoint: dict) -> dict:
+    """The checkpoint with its floating-point weights stored as fp16 (half the file; load_state_dict casts them back
+    into an fp32 network), without what resuming needs: the rounded weights are not the ones the run trained."""
+    state = checkpoint["state_dict"]
+    half = type(state)((key, value.half() if value.is_floating_point() else value) for key, value in state.items())
+    if hasattr(state, "_metadata"):   # the layer versions load_state_dict reads
+        half._metadata = state._metadata
+    kept = {key: value for key, value in checkpoint.items() if key not in RESUME_KEYS}
+    return dict(kept, state_dict=half)
+
+
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 

@@ -255,6 +255,8 @@ def predict_arg_parser(description: str, checkpoint: str, figure: str) -> argpar
     out = p.add_argument_group("models out")
     out.add_argument("--convert", metavar="OUT.pt", help="write the --checkpoint model (e.g. a .pth file of the "
                      "original repository) as this project's checkpoint, loadable with weights_only=True, and stop")
+    out.add_argument("--half", action="store_true", help="with --convert: store the weights as fp16 (half the file; "
+                     "they load into fp32 networks), leaving out the optimizer state a --resume would need")
     out.add_argument("--export-onnx", metavar="PATH", help="write the --checkpoint model as ONNX (any batch and image "
                      "size; classes, colours and normalisation in its metadata), checked with ONNX Runtime on sample "
                      "images of the checkpoint's split, and stop (pip install -r requirements-onnx.txt)")
@@ -297,6 +299,7 @@ def predict_config(flags: dict) -> PredictConfig:
              (not (c.serve and (c.images or c.eval)), "--serve goes alone: not with --images or --eval"),
              (not ((c.convert or c.export_onnx) and (c.images or c.eval or c.serve)),
               "--convert and --export-onnx go alone: not with --images, --eval or --serve"),
+             (not c.half or c.convert, "--half goes with --convert"),
              (not c.serve or 0 <= c.port <= 65535, f"--port {c.port}: must be 0..65535 (0: any free port)"),
              (not c.serve or c.max_upload_mb > 0, "--max-upload-mb must be positive"),
              (not c.serve or c.max_waiting >= 0, "--max-waiting must not be negative")]

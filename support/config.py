@@ -82,6 +82,7 @@ class PredictConfig:
     threads: int | None
     amp: str
     convert: str | None
+    half: bool
     export_onnx: str | None
     images: list[str] | None
     save_dir: str

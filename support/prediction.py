@@ -11,7 +11,7 @@ from torch import nn
 
 from some_define import SegDataset, Speed, UsageError, evaluate
 
-from .checkpoints import check_classes_match, load_checkpoint, restore_model, save_checkpoint
+from .checkpoints import check_classes_match, half_weights, load_checkpoint, restore_model, save_checkpoint
 from .config import PredictConfig
 from .data import chosen_examples, read_classes, read_split
 from .demo import DEMO_DIR, DEMO_NOTE
@@ -128,9 +128,9 @@ def check_network(checkpoint: dict, network: str, path: Path, flag: str = "--che
 def write_model(config: PredictConfig, net: nn.Module, checkpoint: dict, path: Path) -> None:
     """--convert: this project's checkpoint file; --export-onnx: an ONNX file, checked with ONNX Runtime."""
     if config.convert:
-        save_checkpoint(config.convert, checkpoint)
-        return print(f"wrote {config.convert}: {describe(checkpoint, path)}, as this project's checkpoint (it loads "
-                     f"with torch.load(..., weights_only=True))")
+        save_checkpoint(config.convert, half_weights(checkpoint) if config.half else checkpoint)
+        return print(f"wrote {config.convert}: {describe(checkpoint, path)}, as this project's checkpoint"
+                     f"{' with fp16 weights' if config.half else ''} (it loads with torch.load(..., weights_only=True))")
     from .onnx_export import export_onnx, sample_images   # onnx and onnxruntime are optional: only to export
     samples = sample_images(lambda: checkpoint_data(config, checkpoint)[:2])
     export_onnx(net, checkpoint, config.export_onnx, samples)

@@ -134,3 +134,33 @@ def test_a_folder_of_images_takes_the_formats_the_page_takes(tmp_path):
     found = export.collect_image_paths([str(tmp_path)])
     assert [p.name for p in found] == ["a.jpg", "b.PNG", "c.webp", "d.bmp", "e.gif", "f.tif", "g.tiff"]
     assert all(sd.read_image(p).shape == (3, 8, 8) for p in found)
+
+
+def test_half_converts_to_fp16_weights_that_load_into_an_fp32_network(runs, tmp_path):
+    torch.manual_seed(0)
+    net = sd.build_model("unet", 21, "none")
+    source = tmp_path / "last.pt"   # a run's last.pt while it goes on: resumable
+    checkpoints.save_checkpoint(source, checkpoints.make_checkpoint(
+        net, "unet", sd.VOC_CLASSES, sd.VOC_COLORMAP, {"data_dir": "VOC", "demo": False}, epoch=3,
+        optimizer=torch.optim.SGD(net.parameters(), 0.1).state_dict(), rng=checkpoints.rng_states()))
+    out = tmp_path / "shipped.pt"
+    result = run_script("my_predict.py", "--checkpoint", str(source), "--convert", str(out), "--half")
+    assert result.returncode == 0, result.stderr
+    assert "with fp16 weights" in result.stdout
+    raw = torch.load(out, map_location="cpu", weights_only=True)
+    state = raw["state_dict"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
+    counters = [v.dtype for k, v in state.items() if k.endswith("num_batches_tracked")]
+    assert counters and set(counters) == {torch.int64}   # BatchNorm's counters stay integers
+    assert "optimizer" not in raw and "rng" not in raw and raw["epoch"] == 3
+    assert out.stat().st_size < 0.55 * source.stat().st_size   # the weights are most of the file
+    shipped = checkpoints.restore_model(checkpoints.load_checkpoint(out), out).eval()
+    for (name, mine), theirs in zip(shipped.state_dict().items(), net.state_dict().values()):
+        if theirs.is_floating_point():
+            assert mine.dtype == torch.float32 and torch.equal(mine, theirs.half().float()), name
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        full, half = net.eval()(x), shipped(x)
+    assert (full - half).abs().max() < 1e-2 * full.abs().max()
+    alone = run_script("my_predict.py", "--checkpoint", str(source), "--half")
+    assert alone.returncode == 2 and alone.stderr.strip() == "error: --half goes with --convert", alone.stderr
