@@ -9,7 +9,7 @@ from pathlib import Path
 from some_define import MODELS, STRIDE, UsageError
 
 from .data import CLASS_WEIGHT_POWERS, VOC_TAR, VOC_URL, dataset_classes
-from .checkpoints import load_checkpoint
+from .checkpoints import load_checkpoint, resume_checkpoint_path
 from .config import (APPLIED_QUIETLY, DEMO_DEFAULTS, FIELDS, PREDICT_FIELDS, PredictConfig, Start, TrainConfig,
                      check_train_config, merge_settings, void_rule)
 from .distributed import env_rank
@@ -187,10 +187,7 @@ def starting_checkpoint(given: dict, defaults: dict, preset: dict) -> Start | No
     if given.get("resume"):
         if given.get("finetune_from"):
             raise UsageError("--resume and --finetune-from do not go together")
-        out = given.get("out") or preset.get("out") or defaults["out"]
-        path = Path(out) / "last.pt" if given["resume"] == "auto" else Path(given["resume"])
-        if not path.is_file():
-            raise UsageError(f"--resume: {path} not found; nothing to resume (drop --resume to start afresh)")
+        path = resume_checkpoint_path(given["resume"], Path(given.get("out") or preset.get("out") or defaults["out"]))
         return Start("resume", str(path), load_checkpoint(path).get("config", {}))
     if finetune and Path(finetune).is_file():   # a missing file is reported where the run opens it
         return Start("finetune", finetune, load_checkpoint(finetune).get("config", {}))

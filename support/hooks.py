@@ -50,18 +50,12 @@ def watch_load(totals: dict, loss: float) -> None:
     look_at_load()
 
 
-def progress(items: Iterable, total: int, description: str, shown: bool = True) -> Iterable:
-    """``items``, with a progress bar on a terminal, for the long parts that would be silent: validation, --eval, a
-    large photo's windows, reading a dataset (a log stays clean, as with progress_bar)."""
+def progress(items: Iterable | None, total: int, description: str, shown: bool = True, done: int = 0):
+    """``items`` with a progress bar, for the long parts that would be silent (validation, --eval, a large photo's
+    windows, reading a dataset); with ``items`` None, a bar that show_progress moves (an epoch's steps, ``done`` of
+    them before a resume). Only on a terminal: redirected to a log (nohup ... > log), its frames would fill it."""
     from tqdm import tqdm
-    return tqdm(items, total=total, leave=False, desc=description, dynamic_ncols=True,
-                disable=not (shown and sys.stderr.isatty()))
-
-
-def progress_bar(total: int, done: int, description: str, shown: bool):
-    """A progress bar only on a terminal: redirected to a log (nohup ... > log), its frames would fill it."""
-    from tqdm import tqdm
-    return tqdm(total=total, initial=done, leave=False, desc=description, dynamic_ncols=True,
+    return tqdm(items, total=total, initial=done, leave=False, desc=description, dynamic_ncols=True,
                 disable=not (shown and sys.stderr.isatty()))
 
 

@@ -26,7 +26,7 @@ from .download import find_data
 from .errors import Interrupted, StopOnInterrupt, naming_flags
 from .figures import plot_curves
 from .files import check_writable_dir, link_or_copy, new_folder_removed_on_failure, save_figure, write_history
-from .hooks import StopRequested, each, progress, progress_bar, show_progress, stop_together, watch_load
+from .hooks import StopRequested, each, progress, show_progress, stop_together, watch_load
 from .speed import (bf16_peak_flops, cudnn_autotuning, resolve_speed, set_threads, threads_for_load,
                     train_flops_per_image, use_cpu_kernels)
 from .steps import make_criterion, make_step
@@ -125,9 +125,9 @@ def starting_point(config: TrainConfig, class_names: list[str], resume: Path | N
     return use_cpu_kernels(net), state, list(state.get("history", []))
 
 
-def set_up(config: TrainConfig) -> tuple[Parts, dict | None, list[dict]]:
+def set_up(config: TrainConfig, resume: Path | None) -> tuple[Parts, dict | None, list[dict]]:
     """Threads, processes, seed, data, criterion, network, optimizer and sampler of a run; the checkpoint it starts
-    from and the history it continues."""
+    from (``resume``, or config.finetune_from) and the history it continues."""
     set_threads(config.threads)
     ctx = DistributedContext(config.device)
     seed_everything(config.seed)
@@ -141,7 +141,7 @@ def set_up(config: TrainConfig) -> tuple[Parts, dict | None, list[dict]]:
     speed, data_on_device = resolve_speed(config.amp, config.channels_last, config.data_on_device, ctx.device,
                                           train_set.nbytes())
     loss, weights = make_criterion(config, train_set, class_names, ctx.device, log)
-    net, state, history = starting_point(config, class_names, resume_checkpoint_path(config.resume, Path(config.out)))
+    net, state, history = starting_point(config, class_names, resume)
     flops = train_flops_per_image(net.to(ctx.device), tuple(config.crop), ctx.device) \
         if ctx.device.type == "cuda" else None
     net = wrap_for_training(net, ctx, speed.channels_last, config.sync_bn, config.compile)
@@ -234,7 +234,7 @@ def train_one_epoch(run: Run, epoch: int, interrupt: StopOnInterrupt) -> dict:
     start = time.perf_counter() - (resumed.seconds if resumed else 0.0)
     if p.ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(p.ctx.device)
-    bar = progress_bar(len(p.sampler), done, f"epoch {epoch}/{run.last_epoch}", p.ctx.is_main)
+    bar = progress(None, len(p.sampler), f"epoch {epoch}/{run.last_epoch}", p.ctx.is_main, done)
     last_pt = run.out / "last.pt"
 
     on_step = each([stop_together(p.ctx.all_sum, interrupt, last_pt, epoch, p.config.lr), watch_load,
@@ -336,9 +336,9 @@ def train(config: TrainConfig) -> list[dict]:
     """Train config.model on the train split, validating on val; returns the history."""
     # A run that fails before its first epoch leaves no OUT; rank 0 made it, so only rank 0 may take it away.
     with new_folder_removed_on_failure(config.out) if env_rank() == 0 else nullcontext():
-        parts, state, history = set_up(config)
+        resume = resume_checkpoint_path(config.resume, Path(config.out))
+        parts, state, history = set_up(config, resume)
         with parts.ctx:   # under torchrun, the process group is closed however the run ends
-            resume = resume_checkpoint_path(config.resume, Path(config.out))
             run = resumed_run(parts, state, history, resume) if resume else new_run(parts, history)
             run.best = (best_of_run(run.history, run.run_start) or {"val_miou": -1.0})["val_miou"]
             with StopOnInterrupt() as interrupt:
