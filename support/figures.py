@@ -98,6 +98,11 @@ def plot_curves(history: list[dict], title: str = "", finetune_start: int | None
     return fig
 
 
+def median_epoch_seconds(history: list[dict]) -> float:
+    """A run's typical epoch: a run paused or sharing its CPU for a while would stretch the sum of its epochs."""
+    return statistics.median(float(h["seconds"]) for h in history)
+
+
 def study_curves(runs: dict[str, tuple[str, list[dict]]], title: str = ""):
     """Train loss per epoch, val mIoU per epoch and val mIoU per hour of training of every preset of a study
     ({name: (network, history)}), in one figure: a colour per preset (up to 20), FCNs dashed."""
@@ -108,8 +113,7 @@ def study_curves(runs: dict[str, tuple[str, list[dict]]], title: str = ""):
     for k, (name, (network, history)) in enumerate(runs.items()):
         style = dict(label=name, color=colors[k % len(colors)], linestyle="--" if network == "fcn" else "-")
         validated = [h for h in history if h["val_miou"] is not None]
-        # The median epoch, not the clock: a run paused or sharing its CPU for a while would be stretched by it.
-        hours = statistics.median(float(h["seconds"]) for h in history) / 3600
+        hours = median_epoch_seconds(history) / 3600
         ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], **style)
         ax_miou.plot([h["epoch"] for h in validated], [h["val_miou"] for h in validated], **style)
         ax_time.plot([h["epoch"] * hours for h in validated], [h["val_miou"] for h in validated], **style)

@@ -13,7 +13,7 @@ from .cli import train_config
 from .config import TrainConfig
 from .data import chosen_examples, dataset_classes, is_voc_dir, read_split
 from .download import find_data
-from .figures import prediction_figure, study_curves
+from .figures import median_epoch_seconds, prediction_figure, study_curves
 from .files import read_json, save_figure, write_json, write_text
 from .prediction import open_model, split_metrics
 from .speed import inference_speed, try_all_gpus_or_cpu
@@ -103,8 +103,9 @@ def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, 
     what = "synthetic demo data (random-init backbones)" if base.demo else data_dir.name   # not its path on this disk
     write_text(study_table(rows, what), pictures / "study.md")
     # Evenly spaced over the val split: CamVid's val split is consecutive frames of a few drives.
-    save_figure(prediction_figure(models, chosen_examples(splits["val"], num, spread=True), colormap, class_names, device,
-                                  title=what, speed=speed), pictures / "study.png")
+    examples = chosen_examples(splits["val"], num, spread=True)
+    save_figure(prediction_figure(models, examples, colormap, class_names, device, title=what, speed=speed),
+                pictures / "study.png")
     runs = {r["preset"]: (r["config"]["model"], r["history"]) for r in rows}
     save_figure(study_curves(runs, what), pictures / "study_curves.png")
     print(f"wrote {pictures / 'study.md'}, {pictures / 'study.png'} and {pictures / 'study_curves.png'}")
@@ -128,19 +129,21 @@ def study_table(rows: list[dict], data: str) -> str:
     head = ["preset", "network", "optimizer", "lr", "wd", "loss", "void", "class weights", "augmentation", "epochs",
             "pixel acc", "d2l pixel acc", "mean class acc", "mIoU", "train mIoU", "train time (s)", "images/s"]
     lines = [f"# The study on {data}", "", "Validation metrics at full resolution over the whole val split; train "
-             "mIoU: the same over the whole train split (does the network fit what it learned from?).", "",
+             "mIoU: the same over the whole train split (does the network fit what it learned from?); train time: "
+             "epochs x the median epoch.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c, h = r["config"], r["history"]
         own = h[-c["epochs"]:]   # a fine-tuned preset's history starts with the epochs of the preset it continues
         epochs = f"{len(h) - len(own)}+{len(own)}" if c.get("finetune_from") else str(len(h))
-        seconds = sum(float(e["seconds"]) for e in h)
+        seconds = len(h) * median_epoch_seconds(h)
         speed = sum(float(e["img_per_s"]) for e in own) / len(own)
         d2l = f"{r['d2l_pixel_acc']:.3f}" if "d2l_pixel_acc" in r else "-"   # only with a background class
         lr = f"{c['lr']:g}" + (" poly" if c.get("lr_schedule") == "poly" else "")
         lines.append(f"| {r['preset']} | {c['model']} | {c['optimizer']} | {lr} | {c['wd']:g} | {c['loss']} | "
-                     f"{c['void']} | {c.get('class_weights', 'none')} | {augmentation(c)} | {epochs} | {r['pixel_acc']:.3f} | {d2l} | {r['mean_class_acc']:.3f} | {r['miou']:.3f} | {r['train']['miou']:.3f} | "
-                     f"{seconds:.0f} | {speed:.1f} |")
+                     f"{c['void']} | {c.get('class_weights', 'none')} | {augmentation(c)} | {epochs} | "
+                     f"{r['pixel_acc']:.3f} | {d2l} | {r['mean_class_acc']:.3f} | {r['miou']:.3f} | "
+                     f"{r['train']['miou']:.3f} | {seconds:.0f} | {speed:.1f} |")
     classes = [k for k in rows[0]["per_class_iou"] if any(r["per_class_iou"][k] is not None for r in rows)]
     lines += ["", "Per-class IoU (classes absent from the val split and from every prediction are left out):", "",
               "| preset | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
