@@ -1,4 +1,5 @@
-"""How a script ends: a problem the user can fix as one line and exit 2, Ctrl-C as a clean stop and exit 130."""
+"""How a script ends: a problem the user can fix as one line and exit 2, Ctrl-C or SIGTERM as a clean stop and exit
+130."""
 from __future__ import annotations
 
 import sys
@@ -11,34 +12,39 @@ from .distributed import env_rank
 
 
 class Interrupted(Exception):
-    """The user stopped the run on purpose (Ctrl-C); the message says how to continue."""
+    """The run was stopped on purpose (Ctrl-C, SIGTERM); the message says how to continue."""
 
 
 class StopOnInterrupt:
-    """The first Ctrl-C asks the loop to stop after the current step (which is then saved); a second one aborts."""
+    """The first Ctrl-C or SIGTERM (a batch system's time limit, ``timeout``, ``kill``) asks the loop to stop after
+    the current step, which is then saved; a second one aborts."""
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
         self.requested = False
+        self.previous = {}
 
     def __enter__(self):
         import signal
-        self.previous = signal.getsignal(signal.SIGINT)
 
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
-            print("\ninterrupted: finishing this step and saving (Ctrl-C again to abort)", file=sys.stderr)
-        try:
-            signal.signal(signal.SIGINT, handler)
-        except ValueError:     # not the main thread: leave Ctrl-C alone
-            self.previous = None
+            print(f"\ninterrupted ({signal.Signals(signum).name}): finishing this step and saving (a second one "
+                  f"aborts)", file=sys.stderr)
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            try:
+                self.previous[number] = signal.signal(number, handler)
+            except ValueError:     # not the main thread: leave the signals alone
+                pass
         return self
 
     def __exit__(self, *exc):
         import signal
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
 
 
 @contextmanager

@@ -104,6 +104,17 @@ def test_ctrl_c_saves_mid_epoch_and_resume_gives_the_same_weights(voc, uninterru
     assert_same_run(uninterrupted, final_state(tmp_path))
 
 
+def test_sigterm_stops_like_ctrl_c(voc, tmp_path):
+    """A batch system's time limit (Slurm), `timeout` or `kill`: the run saves where it is, for --resume."""
+    proc = start(train_cmd(voc, tmp_path))
+    wait_for_epoch_1(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted (SIGTERM)" in stderr and "--resume" in stderr, stderr
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert "optimizer" in saved and (saved["step"] > 0 or saved["epoch"] >= 2)
+
+
 def test_a_flag_given_with_resume_is_said_and_epochs_extends_the_run(voc, tmp_path):
     proc = start(train_cmd(voc, tmp_path))
     wait_for_epoch_1(tmp_path, proc)
