@@ -126,12 +126,3 @@ def test_study_curves_put_each_validation_at_its_epochs_times_the_median_epoch_t
     assert list(unet_time.get_xdata()) == pytest.approx([0.2, 0.4]) and unet_time.get_linestyle() == "-"
     assert fcn_time.get_linestyle() == "--" and ax_time.get_legend() is not None
 
-
-def test_the_study_table_gives_train_mIoU_and_a_train_time_a_pause_does_not_stretch():
-    from support import study
-    history = [dict(epoch=k, seconds=s, img_per_s=10.0) for k, s in enumerate([60, 60, 3660, 60], 1)]
-    config = dict(model="fcn", optimizer="sgd", lr=1e-3, wd=1e-3, loss="sum", void="ignore", epochs=4)
-    row = dict(preset="fcn-sgd-1e-3", config=config, history=history, pixel_acc=0.8, mean_class_acc=0.5, miou=0.4,
-               train={"miou": 0.6}, per_class_iou={"sky": 0.9})
-    line = [line for line in study.study_table([row], "street").splitlines() if line.startswith("| fcn-sgd")][0]
-    assert line.endswith("| 4 | 0.800 | - | 0.500 | 0.400 | 0.600 | 240 | 10.0 |")   # 4 epochs x 60 s, not 3840

@@ -147,3 +147,12 @@ def test_compare_figure_renders(voc, tmp_path):
     result = run_script("my_predict.py", "--checkpoint", str(unet_out / "last.pt"), "--compare",
                         str(tmp_path / "absent.pt"), "--figure", str(tmp_path / "alone.png"))
     assert result.returncode == 0 and "no comparison" in result.stdout
+
+
+def test_the_study_table_gives_train_mIoU_and_a_train_time_a_pause_does_not_stretch():
+    history = [dict(epoch=k, seconds=s, img_per_s=10.0) for k, s in enumerate([60, 60, 3660, 60], 1)]
+    config = dict(model="fcn", optimizer="sgd", lr=1e-3, wd=1e-3, loss="sum", void="ignore", epochs=4)
+    row = dict(preset="fcn-sgd-1e-3", config=config, history=history, pixel_acc=0.8, mean_class_acc=0.5, miou=0.4,
+               train={"miou": 0.6}, per_class_iou={"sky": 0.9})
+    line = [line for line in study.study_table([row], "street").splitlines() if line.startswith("| fcn-sgd")][0]
+    assert line.endswith("| 4 | 0.800 | - | 0.500 | 0.400 | 0.600 | 240 | 10.0 |")   # 4 epochs x 60 s, not 3840
