@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     given, defaults = given_flags(parser, argv), script_defaults(parser)   # merged once, in train_config
     finetune_epochs = FINETUNE_EPOCHS["demo" if args.demo else "full"]
     if args.study:
-        presets = {name: PRESETS[name] for name in args.presets} if args.presets else PRESETS
-        run_study(given, presets, defaults, finetune_epochs, args.pictures, args.num)
+        run_study(given, PRESETS, defaults, finetune_epochs, args.presets, args.pictures, args.num)
     elif args.preset:
         train_preset(given, args.preset, Path(given.get("out", "runs")), PRESETS, defaults, finetune_epochs)
     else:

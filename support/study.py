@@ -78,10 +78,10 @@ def evaluate_preset(given: dict, name: str, out: Path, presets: dict, defaults: 
     return read_json(result_path), net
 
 
-def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, pictures: str | None = None,
-              num: int = 4) -> None:
-    """Train and evaluate every preset that makes sense for the dataset; write study.md, study.png and
-    study_curves.png."""
+def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, chosen: list[str] | None = None,
+              pictures: str | None = None, num: int = 4) -> None:
+    """Train and evaluate the ``chosen`` presets (default: every one) that make sense for the dataset; write study.md,
+    study.png and study_curves.png. A chosen fine-tune trains the preset it continues first, chosen or not."""
     out = Path(given.get("out", "runs/study"))
     base = train_config({key: value for key, value in given.items() if key != "resume"}, defaults)   # the shared data
     device = try_all_gpus_or_cpu(base.device)
@@ -91,8 +91,10 @@ def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, 
     splits = {split: read_split(data_dir, getattr(base, f"{split}_split"), colormap, base.ignore_index)
               for split in ("val", "train")}
     rows, models = [], []
-    for k, (name, preset) in enumerate(presets.items(), 1):
-        print(f"=== {k} of {len(presets)} presets")   # a study takes hours on a CPU: how far it is
+    chosen = chosen or list(presets)
+    for k, name in enumerate(chosen, 1):
+        preset = presets[name]
+        print(f"=== {k} of {len(chosen)} presets")   # a study takes hours on a CPU: how far it is
         if preset.get("only_with_background") and class_names[0] != "background":
             print(f"=== preset {name}: left out, class 0 is {class_names[0]!r}, not a background")
             continue

@@ -4,10 +4,10 @@ the summary JSON must name every part, nothing may be left in the repository, an
 points under tmp_path, with everything the script and the tools it runs write).
 
 The dry run trains on 16 training and 4 validation images of the demo data (copied from its cache into tmp_path;
---demo itself has no flag for fewer than its 160 + 40), 32 x 32 crops, batch 2, 2 epochs; fp16 only for the FCN: fp16
-is emulated on the CPU (an FCN step of batch 2 at 32 x 32 takes ~2 s, a U-Net step ~30 s), and its GradScaler skips
-the first ~9 steps (inf gradients at scales 65536 down to 256), so the second epoch's loss falls below the first's
-with 16 images and did not with 12. 2.3 to 2.8 minutes on this 2-core machine beside a training run."""
+--demo itself has no flag for fewer than its 160 + 40), 32 x 32 crops, batch 2, 2 epochs, the FCN in bf16 and the
+U-Net in its default precision. No fp16 run: fp16 is emulated on the CPU (an FCN run took 47 of the dry run's 198 s)
+and its step, GradScaler and resume are tested in test_speed.py; a DEMO_RUNS entry runs the same lines whatever its
+precision. About 2.5 minutes on a 2-core machine."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO_ROOT, THREADS
 
 SCRIPT = "benchmarks/gpu_check.sh"
-PARTS = ["bench", "demo_fcn_bf16", "demo_fcn_fp16", "demo_unet_auto", "resume", "predict_figure", "predict_eval",
+PARTS = ["bench", "demo_fcn_bf16", "demo_unet_auto", "resume", "predict_figure", "predict_eval",
          "predict_images", "serve", "onnx", "torchrun", "cpu_load"]
 OUT_FILES = {"gpu_check.log", "gpu_check.json", "bench_gpu.json", "compare.png"}
 # What the script could leave in the repository if an --out, --figure, --save-dir or --metrics were not redirected.
@@ -75,7 +75,7 @@ def test_dry_run_on_the_cpu_passes_every_part(tmp_path):
     out, tmp = tmp_path / "out", tmp_path / "tmp"
     proc = run_gpu_check(
         out, tmp, timeout=600,
-        DEMO_DATA=str(tiny_demo_data(tmp_path / "data")), DEMO_RUNS="fcn:bf16 fcn:fp16 unet:auto", DEMO_EPOCHS="2",
+        DEMO_DATA=str(tiny_demo_data(tmp_path / "data")), DEMO_RUNS="fcn:bf16 unet:auto", DEMO_EPOCHS="2",
         DEMO_ARGS="--crop 32 32 --batch-size 2", BENCH_ARGS="--quick --sections peak",
         RESUME_ARGS="--model fcn", RESUME_EPOCHS="2", DDP_NPROC="1", DDP_BATCH="2", DDP_ARGS="--model fcn",
         ONNX_NET="fcn")
@@ -97,7 +97,7 @@ def test_dry_run_on_the_cpu_passes_every_part(tmp_path):
 
     parts = {name: part["numbers"] for name, part in summary["parts"].items()}
     assert parts["bench"]["peak_gflops"] > 0
-    for name in ("demo_fcn_bf16", "demo_fcn_fp16", "demo_unet_auto"):
+    for name in ("demo_fcn_bf16", "demo_unet_auto"):
         n = parts[name]
         assert n["epochs"] == 2 and n["train_loss"][-1] < n["train_loss"][0], (name, n)
         assert 0 <= n["val_miou"] <= 1 and n["img_per_s"] > 0, (name, n)
@@ -111,8 +111,8 @@ def test_dry_run_on_the_cpu_passes_every_part(tmp_path):
     if summary["parts"]["onnx"]["status"] == "passed":
         assert parts["onnx"]["agreement_percent"] >= 99.9
     assert parts["torchrun"]["processes"] == 1 and parts["torchrun"]["epochs"] == 2
-    # every best.pt and last.pt: 3 demo runs, the killed run's last.pt, the resumed run's two, torchrun's two
-    assert parts["cpu_load"]["checkpoints"] == 11 and parts["cpu_load"]["tensors"] > 0
+    # every best.pt and last.pt: 2 demo runs, the killed run's last.pt, the resumed run's two, torchrun's two
+    assert parts["cpu_load"]["checkpoints"] == 9 and parts["cpu_load"]["tensors"] > 0
     assert parts["cpu_load"]["off_cpu"] == 0
 
     assert {p.name for p in out.iterdir()} == OUT_FILES

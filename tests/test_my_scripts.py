@@ -116,28 +116,32 @@ def test_finetune_starts_from_the_saved_weights_with_a_fresh_optimizer(voc, tmp_
 
 
 def test_study_writes_its_table_and_skips_finished_presets(voc, tmp_path):
+    # The book's preset, the fine-tune (which trains the preset it continues first) and the void-as-background one
+    # that only a dataset with a background class takes; every preset's settings are checked above.
+    presets = ["fcn-sgd-1e-3", "unet-adam-1e-4-ft-1e-5", "unet-adam-1e-4-void-bg"]
     flags = ["my_train.py", "--study", "--voc-dir", str(voc), "--out", str(tmp_path / "runs"), "--epochs", "1",
-             "--pictures", str(tmp_path / "pics"), "--num", "2", *TINY]
+             "--pictures", str(tmp_path / "pics"), "--num", "2", "--presets", *presets, *TINY]
     result = run_script(*flags)
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "pics" / "study.md").read_text()
-    for name in my_train.PRESETS:
+    for name in presets:
         assert f"| {name} |" in table
         assert (tmp_path / "runs" / name / "eval.json").is_file()
+    assert (tmp_path / "runs" / "unet-adam-1e-4" / "last.pt").is_file() and "| unet-adam-1e-4 |" not in table
     assert "| 1+10 |" in table    # the fine-tune: 10 epochs on top of unet-adam-1e-4's one (--epochs is the base's)
     assert Image.open(tmp_path / "pics" / "study.png").size[1] > 0
     again = run_script(*flags)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("done before, skipped") == len(my_train.PRESETS)
+    assert again.stdout.count("done before, skipped") == len(presets)
     assert not [line for line in again.stdout.splitlines() if "=== preset" in line and "skipped" not in line]
     assert (tmp_path / "pics" / "study.md").read_text() == table
 
 
 def test_compare_figure_renders(voc, tmp_path):
+    from test_predict_rules import checkpoint_file   # random-init networks: the figure does not depend on weights
     fcn_out, unet_out = tmp_path / "fcn", tmp_path / "unet"
-    for script, out in (("origin_train.py", fcn_out), ("my_train.py", unet_out)):
-        result = run_script(script, "--voc-dir", str(voc), "--out", str(out), "--epochs", "1", *TINY)
-        assert result.returncode == 0, result.stderr
+    checkpoint_file(fcn_out / "last.pt", "fcn", voc)
+    checkpoint_file(unet_out / "last.pt", "unet", voc)
     result = run_script("my_predict.py", "--checkpoint", str(unet_out / "last.pt"), "--compare",
                         str(fcn_out / "last.pt"), "--figure", str(tmp_path / "myout.png"), "--compare-figure",
                         str(tmp_path / "compare.png"), "--num", "3")
