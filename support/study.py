@@ -47,7 +47,7 @@ def finished_or_new(folder: Path) -> bool:
 def train_preset(given: dict, name: str, out: Path, presets: dict, defaults: dict, finetune_epochs: int) -> None:
     """Train a preset into OUT/NAME (first the preset it fine-tunes, if that has not been trained yet)."""
     then = presets[name].get("then")
-    if then and not (out / then / "last.pt").is_file():
+    if then and not ((out / then / "last.pt").is_file() and finished_or_new(out / then)):   # none, or interrupted
         train_preset(given, then, out, presets, defaults, finetune_epochs)
     config = preset_config(given, name, out, presets, defaults, finetune_epochs)
     print(f"=== preset {name}")

@@ -160,3 +160,21 @@ def test_the_study_table_gives_train_mIoU_and_a_train_time_a_pause_does_not_stre
                train={"miou": 0.6}, per_class_iou={"sky": 0.9})
     line = [line for line in study.study_table([row], "street").splitlines() if line.startswith("| fcn-sgd")][0]
     assert line.endswith("| 4 | 0.800 | - | 0.500 | 0.400 | 0.600 | 240 | 10.0 |")   # 4 epochs x 60 s, not 3840
+
+
+@pytest.mark.parametrize("base_state", ["none", "interrupted", "finished"])
+def test_a_fine_tune_starts_from_its_base_only_once_that_has_finished(tmp_path, monkeypatch, base_state):
+    trained = []
+    monkeypatch.setattr(study, "train", lambda config: trained.append(Path(config.out).name))
+    base = tmp_path / "unet-adam-1e-4"
+    if base_state != "none":
+        net = sd.build_model("unet", 21, "none")
+        extra = {"optimizer": {}} if base_state == "interrupted" else {}   # a finished last.pt keeps weights only
+        checkpoints.save_checkpoint(base / "last.pt", checkpoints.make_checkpoint(
+            net, "unet", sd.VOC_CLASSES, sd.VOC_COLORMAP, {"model": "unet"}, epoch=1, **extra))
+    parser = my_train.arg_parser()
+    study.train_preset(cli.given_flags(parser, ["--demo"]), "unet-adam-1e-4-ft-1e-5", tmp_path, my_train.PRESETS,
+                       cli.script_defaults(parser), 4)
+    first = [] if base_state == "finished" else ["unet-adam-1e-4"]
+    assert trained == first + ["unet-adam-1e-4-ft-1e-5"]
+
