@@ -1,8 +1,10 @@
 """The study: train every preset (a diff of the U-Net defaults), evaluate each, and write the table and figure."""
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -55,11 +57,12 @@ def train_preset(given: dict, name: str, out: Path, presets: dict, defaults: dic
 
 
 def evaluate_preset(given: dict, name: str, out: Path, presets: dict, defaults: dict, finetune_epochs: int,
-                    splits: dict[str, SegDataset], device: torch.device, speed: Speed) -> tuple[dict, nn.Module]:
+                    split: Callable[[str], SegDataset], device: torch.device, speed: Speed) -> tuple[dict, nn.Module]:
     """A preset's eval.json (trained first unless it finished before, and measured on the val split and on the
     train split it learned from, unless eval.json holds both: a rerun skips finished presets) and its network."""
     result_path = out / name / "eval.json"
-    done = result_path.is_file() and "train" in read_json(result_path)
+    result = read_json(result_path) if result_path.is_file() else {}
+    done = "train" in result
     started = time.perf_counter()
     if done:
         print(f"=== preset {name}: done before, skipped ({result_path})")
@@ -69,13 +72,14 @@ def evaluate_preset(given: dict, name: str, out: Path, presets: dict, defaults: 
         train_preset(given, name, out, presets, defaults, finetune_epochs)
     net, checkpoint = open_model(out / name / "last.pt", device)
     if not done:
-        metrics = split_metrics(net, checkpoint, splits["val"], device, 8, speed)
+        metrics = split_metrics(net, checkpoint, split("val"), device, 8, speed)
         # Does the network fit what it saw? Whole train images, no augmentation: the val split's conditions.
-        fit = split_metrics(net, checkpoint, splits["train"], device, 8, speed)
+        fit = split_metrics(net, checkpoint, split("train"), device, 8, speed)
         train = {key: fit[key] for key in ("num_images", "pixel_acc", "mean_class_acc", "miou", "per_class_iou")}
         write_json({"preset": name, "config": checkpoint["config"], "history": checkpoint["history"],
                     "wall_seconds": time.perf_counter() - started, **metrics, "train": train}, result_path)
-    return read_json(result_path), net
+        result = read_json(result_path)   # as a rerun will read it
+    return result, net
 
 
 def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, chosen: list[str] | None = None,
@@ -88,8 +92,12 @@ def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, 
     speed = inference_speed(base.amp, device)
     data_dir = find_data(base.data_dir, base.demo, base.download, base.mirror)
     class_names, colormap = dataset_classes(base.classes)
-    splits = {split: read_split(data_dir, getattr(base, f"{split}_split"), colormap, base.ignore_index)
-              for split in ("val", "train")}
+
+    @functools.cache
+    def split(which: str) -> SegDataset:
+        """Read when first needed: a rerun whose presets are all measured never reads the train split."""
+        return read_split(data_dir, getattr(base, f"{which}_split"), colormap, base.ignore_index)
+
     rows, models = [], []
     chosen = chosen or list(presets)
     for k, name in enumerate(chosen, 1):
@@ -98,14 +106,14 @@ def run_study(given: dict, presets: dict, defaults: dict, finetune_epochs: int, 
         if preset.get("only_with_background") and class_names[0] != "background":
             print(f"=== preset {name}: left out, class 0 is {class_names[0]!r}, not a background")
             continue
-        row, net = evaluate_preset(given, name, out, presets, defaults, finetune_epochs, splits, device, speed)
+        row, net = evaluate_preset(given, name, out, presets, defaults, finetune_epochs, split, device, speed)
         rows.append(row)
         models.append((name, net))
     pictures = Path(pictures) if pictures else study_pictures_dir(base.demo, data_dir)
     what = "synthetic demo data (random-init backbones)" if base.demo else data_dir.name   # not its path on this disk
     write_text(study_table(rows, what), pictures / "study.md")
     # Evenly spaced over the val split: CamVid's val split is consecutive frames of a few drives.
-    examples = chosen_examples(splits["val"], num, spread=True)
+    examples = chosen_examples(split("val"), num, spread=True)
     save_figure(prediction_figure(models, examples, colormap, class_names, device, title=what, speed=speed),
                 pictures / "study.png")
     runs = {r["preset"]: (r["config"]["model"], r["history"]) for r in rows}
